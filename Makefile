@@ -1,0 +1,30 @@
+# splicepool: every target runs inside .venv, which `make install` creates.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo lint soak clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.cfg
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) -m splicepool.demo
+
+lint: install
+	$(PY) -m ruff check splicepool tests examples
+
+soak: install
+	SPLICEPOOL_SOAK=1 $(PY) -m pytest -q -m soak --timeout=1800
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

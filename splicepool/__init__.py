@@ -1,0 +1,70 @@
+"""splicepool: splice TCP sockets like FreeBSD's SO_SPLICE, with a pool of worker threads.
+
+A splice joins a source socket to a drain socket: whatever arrives in the
+source is moved into the drain by a worker thread, zero-copy on Linux
+(``os.splice``), without the application reading or writing it.
+
+    import splicepool
+    sp = splicepool.splice(src, dst)      # on the default pool
+    sp.wait()                             # -> EndReason.EOF, MAX, IDLE, ...
+"""
+
+from __future__ import annotations
+
+import atexit
+from typing import Any
+
+from . import _native
+from .pool import SplicePool
+from .splice import EndReason, Splice, SpliceState
+
+__all__ = [
+    "EndReason",
+    "Splice",
+    "SplicePool",
+    "SpliceState",
+    "default_pool",
+    "splice",
+    "transferred",
+    "unsplice",
+]
+
+__version__ = "0.1.0"
+
+_default: SplicePool | None = None
+_default_lock = _native.allocate_lock()
+
+
+def default_pool() -> SplicePool:
+    """The pool behind the module-level functions: created on first use, closed at exit."""
+    global _default
+    pool = _default
+    if pool is not None and not pool.closed:
+        return pool
+    with _default_lock:
+        if _default is None or _default.closed:
+            _default = SplicePool()
+        return _default
+
+
+def splice(src: Any, dst: Any, max: int = 0, idle: float | None = None, close: bool = False) -> Splice:
+    """``default_pool().splice(...)``: see ``SplicePool.splice``."""
+    return default_pool().splice(src, dst, max=max, idle=idle, close=close)
+
+
+def unsplice(src: Any) -> Splice:
+    """``default_pool().unsplice(src)``: see ``SplicePool.unsplice``."""
+    return default_pool().unsplice(src)
+
+
+def transferred(src: Any) -> int:
+    """``default_pool().transferred(src)``: bytes moved by ``src``'s most recent splice."""
+    pool = _default
+    return 0 if pool is None else pool.transferred(src)
+
+
+@atexit.register
+def _close_default() -> None:
+    pool = _default
+    if pool is not None:
+        pool.close()

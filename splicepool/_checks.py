@@ -1,0 +1,194 @@
+"""Argument and socket validation, with FreeBSD's errnos.
+
+Everything that turns "a socket or an fd" into one thing happens here, at the
+edge, so the pool and the workers never ask again. Messages name the socket
+(fd number and addresses) and the check that failed.
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import math
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+# Linux's TCP_INFO starts with the connection state; 2 is TCP_SYN_SENT.
+_TCP_SYN_SENT = 2
+_SPLICEABLE_FAMILIES = {socket.AF_INET, socket.AF_INET6}
+if hasattr(socket, "AF_UNIX"):
+    _SPLICEABLE_FAMILIES.add(socket.AF_UNIX)
+OFF_MAX = (1 << 63) - 1
+
+
+def oserror(code: int, message: str) -> OSError:
+    """An OSError whose errno is ``code`` and whose text says what failed."""
+    return OSError(code, f"{os.strerror(code)}: {message}")
+
+
+def fileno_of(obj: Any, role: str) -> int:
+    """The fd behind ``obj`` (an int or anything with ``fileno()``); TypeError otherwise.
+
+    Negative ints are returned as they are (they mean "unsplice" for a drain).
+    """
+    if isinstance(obj, bool):
+        raise TypeError(f"{role} must be a socket or an int file descriptor, not bool")
+    if isinstance(obj, int):
+        return int(obj)
+    fileno = getattr(obj, "fileno", None)
+    if fileno is None or not callable(fileno):
+        raise TypeError(
+            f"{role} must be a socket or an int file descriptor, not {type(obj).__name__}"
+        )
+    fd = fileno()
+    if isinstance(fd, bool) or not isinstance(fd, int):
+        raise TypeError(f"{role}.fileno() returned {type(fd).__name__}, expected int")
+    return fd
+
+
+def check_max(max: Any) -> int:
+    if isinstance(max, bool) or not isinstance(max, int):
+        raise TypeError(f"max must be an int number of bytes, not {type(max).__name__}")
+    return int(max)
+
+
+def check_idle(idle: Any) -> float | None:
+    if idle is None:
+        return None
+    if isinstance(idle, bool) or not isinstance(idle, (int, float)):
+        raise TypeError(f"idle must be seconds as a float or None, not {type(idle).__name__}")
+    return float(idle)
+
+
+def validate_limits(max: int, idle: float | None) -> None:
+    """EINVAL for a negative ``max`` or ``idle`` (and for values no off_t/timeval holds)."""
+    if max < 0:
+        raise oserror(errno.EINVAL, f"max={max} is negative (0 means unlimited)")
+    if max > OFF_MAX:
+        raise oserror(errno.EINVAL, f"max={max} does not fit in off_t (at most {OFF_MAX})")
+    if idle is not None and (math.isnan(idle) or idle < 0):
+        raise oserror(errno.EINVAL, f"idle={idle} is not a non-negative number of seconds")
+
+
+def _fmt_addr(addr: Any) -> str:
+    if isinstance(addr, tuple):
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    if isinstance(addr, bytes):
+        addr = addr.decode("utf-8", "replace")
+    return repr(addr) if addr else "unix"
+
+
+@dataclass(frozen=True)
+class SockInfo:
+    """What the checks learned about one socket fd (a passive record)."""
+
+    fd: int
+    key: tuple[int, int]  # (st_dev, st_ino): survives fd-number reuse
+    family: int
+    type: int
+    proto: int
+    listening: bool
+    connected: bool
+    connecting: bool
+    tls: bool
+    label: str  # "fd 7 (127.0.0.1:5000 -> 127.0.0.1:40000)"
+
+    @property
+    def spliceable(self) -> bool:
+        if self.tls or self.type != socket.SOCK_STREAM:
+            return False
+        if self.family not in _SPLICEABLE_FAMILIES:
+            return False
+        return self.family == getattr(socket, "AF_UNIX", None) or self.proto in (
+            0,
+            socket.IPPROTO_TCP,
+        )
+
+
+def socket_key(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
+
+
+def probe(obj: Any, fd: int, role: str) -> SockInfo:
+    """Inspect ``fd``; raise EBADF if it is not open, ENOTSOCK if it is not a socket."""
+    try:
+        key = socket_key(fd)
+    except OSError as exc:
+        raise oserror(errno.EBADF, f"{role} fd {fd} is not an open file descriptor") from exc
+    try:
+        s = _socket.socket(fileno=fd)
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise oserror(errno.EBADF, f"{role} fd {fd} is not an open file descriptor") from exc
+        raise oserror(errno.ENOTSOCK, f"{role} fd {fd} is not a socket") from exc
+    try:
+        return _inspect(obj, s, fd, key, role)
+    finally:
+        s.detach()
+
+
+def _inspect(obj: Any, s: Any, fd: int, key: tuple[int, int], role: str) -> SockInfo:
+    listening = False
+    try:
+        listening = bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:
+        pass
+    local = peer = None
+    try:
+        local = s.getsockname()
+    except OSError:
+        pass
+    connected = connecting = False
+    try:
+        peer = s.getpeername()
+        connected = True
+    except OSError:
+        if s.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_INFO"):
+            try:
+                info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+                connecting = info[0] == _TCP_SYN_SENT
+            except OSError:
+                pass
+    ssl = sys.modules.get("ssl")
+    tls = ssl is not None and isinstance(obj, ssl.SSLSocket)
+    where = _fmt_addr(local) if local is not None else "unbound"
+    if peer is not None:
+        where += f" -> {_fmt_addr(peer)}"
+    return SockInfo(
+        fd=fd,
+        key=key,
+        family=s.family,
+        type=s.type,
+        proto=s.proto,
+        listening=listening,
+        connected=connected,
+        connecting=connecting,
+        tls=tls,
+        label=f"{role} fd {fd} ({where})",
+    )
+
+
+def check_spliceable(info: SockInfo) -> None:
+    if info.spliceable:
+        return
+    if info.tls:
+        why = "is a TLS socket: splicing would bypass TLS (use a copy relay)"
+    elif info.type != socket.SOCK_STREAM:
+        why = "is not a stream socket"
+    else:
+        why = "is not a TCP (IPv4/IPv6) or AF_UNIX stream socket"
+    raise oserror(errno.EPROTONOSUPPORT, f"{info.label} {why}")
+
+
+def check_endpoint(info: SockInfo, *, accept_connecting: bool) -> None:
+    """EINVAL if listening, ENOTCONN if neither connected nor (when allowed) connecting."""
+    if info.listening:
+        raise oserror(errno.EINVAL, f"{info.label} is listening")
+    if info.connected or (accept_connecting and info.connecting):
+        return
+    raise oserror(errno.ENOTCONN, f"{info.label} is not connected")

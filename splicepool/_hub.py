@@ -1,0 +1,167 @@
+"""Selector hubs: what a worker sleeps on.
+
+One contract, several mechanisms (as CPython's ``selectors`` does it):
+
+* ``add(fd)`` starts watching a socket fd, ``remove(fd)`` stops (always
+  before the fd is closed: epoll keys on the open file, which a dup keeps alive).
+* ``interest(fd, read, write)`` says what the worker now waits for on ``fd``.
+  Turning ``write`` on must guarantee a later wakeup once the fd is writable.
+* ``poll(timeout)`` returns ``[(fd, flags)]`` with flags from ``READ``,
+  ``WRITE``, ``ERROR`` (error or hang-up); ``timeout`` None sleeps until woken.
+* ``wake()`` may be called from any thread and makes ``poll`` return soon.
+* ``close()`` releases the hub's own fds.
+
+``EpollHub`` (Linux) is edge-triggered: each fd is registered once for
+everything, so a pass never needs an ``epoll_ctl`` except to arm a drain wait.
+``SelectorHub`` is the portable, level-triggered fallback (kqueue, poll).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import selectors
+from typing import Any
+
+from . import _native
+
+READ = 1
+WRITE = 2
+ERROR = 4
+
+
+class _Waker:
+    """A self-pipe (eventfd on Linux) that coalesces wakeups from other threads."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        if hasattr(os, "eventfd"):
+            self.rfd = self.wfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:  # pragma: no cover - non-Linux
+            self.rfd, self.wfd = os.pipe()
+            os.set_blocking(self.rfd, False)
+            os.set_blocking(self.wfd, False)
+
+    def wake(self) -> None:
+        if not self.pending:
+            self.pending = True
+            try:
+                os.write(self.wfd, b"\x01\0\0\0\0\0\0\0")
+            except BlockingIOError:  # pragma: no cover - counter or pipe full: already awake
+                pass
+
+    def consume(self) -> None:
+        self.pending = False
+        try:
+            os.read(self.rfd, 4096)
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.rfd)
+        if self.wfd != self.rfd:  # pragma: no cover - non-Linux
+            os.close(self.wfd)
+
+
+class EpollHub:
+    """Edge-triggered epoll: one registration per fd for its whole life."""
+
+    _MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET if hasattr(
+        select, "EPOLLET"
+    ) else 0
+
+    def __init__(self) -> None:
+        self._ep = _native.epoll()
+        self._waker = _Waker()
+        self._ep.register(self._waker.rfd, select.EPOLLIN)
+        self.wake = self._waker.wake
+
+    def add(self, fd: int) -> None:
+        self._ep.register(fd, self._MASK)
+
+    def remove(self, fd: int) -> None:
+        try:
+            self._ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
+
+    def interest(self, fd: int, read: bool, write: bool) -> None:
+        if write:
+            # Re-polling the fd sets the kernel's "no space" mark, so the socket
+            # reports EPOLLOUT as soon as the peer's ACKs free room; and if it is
+            # already writable, the event is queued now. No wakeup is lost.
+            self._ep.modify(fd, self._MASK)
+
+    def poll(self, timeout: float | None) -> list[tuple[int, int]]:
+        events = self._ep.poll(-1 if timeout is None else timeout, 512)
+        out = []
+        wfd = self._waker.rfd
+        for fd, ev in events:
+            if fd == wfd:
+                self._waker.consume()
+                continue
+            flags = 0
+            if ev & (select.EPOLLIN | select.EPOLLRDHUP):
+                flags |= READ
+            if ev & select.EPOLLOUT:
+                flags |= WRITE
+            if ev & (select.EPOLLERR | select.EPOLLHUP):
+                flags |= ERROR | READ
+            out.append((fd, flags))
+        return out
+
+    def close(self) -> None:
+        self._ep.close()
+        self._waker.close()
+
+
+class SelectorHub:
+    """Level-triggered ``selectors`` hub for systems without epoll."""
+
+    def __init__(self, selector: Any = None) -> None:
+        self._sel = selector if selector is not None else selectors.DefaultSelector()
+        self._waker = _Waker()
+        self._sel.register(self._waker.rfd, selectors.EVENT_READ)
+        self._mask: dict[int, int] = {}
+        self.wake = self._waker.wake
+
+    def add(self, fd: int) -> None:
+        self._mask[fd] = 0
+
+    def remove(self, fd: int) -> None:
+        if self._mask.pop(fd, 0):
+            self._sel.unregister(fd)
+
+    def interest(self, fd: int, read: bool, write: bool) -> None:
+        old = self._mask.get(fd, 0)
+        new = (selectors.EVENT_READ if read else 0) | (selectors.EVENT_WRITE if write else 0)
+        if new == old:
+            return
+        self._mask[fd] = new
+        if not old:
+            self._sel.register(fd, new)
+        elif not new:
+            self._sel.unregister(fd)
+        else:
+            self._sel.modify(fd, new)
+
+    def poll(self, timeout: float | None) -> list[tuple[int, int]]:
+        out = []
+        wfd = self._waker.rfd
+        for key, ev in self._sel.select(timeout):
+            if key.fd == wfd:
+                self._waker.consume()
+                continue
+            flags = (READ if ev & selectors.EVENT_READ else 0) | (
+                WRITE if ev & selectors.EVENT_WRITE else 0
+            )
+            out.append((key.fd, flags))
+        return out
+
+    def close(self) -> None:
+        self._sel.close()
+        self._waker.close()
+
+
+def default_hub() -> EpollHub | SelectorHub:
+    return EpollHub() if _native.epoll is not None else SelectorHub()

@@ -1,0 +1,94 @@
+"""Native (never monkey-patched) primitives for the worker threads.
+
+gevent's ``monkey.patch_all()`` replaces ``threading``, ``_thread`` locks,
+``time.sleep``, ``select`` and ``socket`` with cooperative versions that only
+work inside the hub's thread. Worker threads are real OS threads, so they must
+use the originals. When gevent has already patched the process we ask it for
+the originals; otherwise the modules we import now *are* the originals, and a
+later ``patch_all()`` replaces module attributes, not the objects captured here.
+"""
+
+from __future__ import annotations
+
+import _thread
+import select
+import sys
+import time
+from typing import Any
+
+
+def _original(module: str, name: str, current: Any) -> Any:
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None:
+        return current
+    try:
+        return monkey.get_original(module, name)
+    except (AttributeError, ImportError):  # pragma: no cover - very old gevent
+        return current
+
+
+start_new_thread = _original("_thread", "start_new_thread", _thread.start_new_thread)
+allocate_lock = _original("_thread", "allocate_lock", _thread.allocate_lock)
+get_ident = _original("_thread", "get_ident", _thread.get_ident)
+monotonic = _original("time", "monotonic", time.monotonic)
+_start_joinable = getattr(_thread, "start_joinable_thread", None)  # Python >= 3.13
+if _start_joinable is not None:
+    _start_joinable = _original("_thread", "start_joinable_thread", _start_joinable)
+_set_sentinel = getattr(_thread, "_set_sentinel", None)  # Python <= 3.12
+epoll = _original("select", "epoll", getattr(select, "epoll", None))
+
+
+class Event:
+    """A one-shot event on a native lock: ``set()`` from any thread, ``wait()`` blocks the OS thread."""
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self) -> None:
+        self._lock = allocate_lock()
+        self._lock.acquire()
+        self._set = False
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            self._lock.release()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._set:
+            return True
+        if timeout is None:
+            ok = self._lock.acquire()
+        else:
+            ok = self._lock.acquire(True, max(timeout, 0.0))
+        if ok:
+            self._lock.release()
+        return ok
+
+
+def start_thread(fn: Any) -> Any:
+    """Start ``fn`` in a new native OS thread; return ``join()``, which waits for its real end."""
+    if _start_joinable is not None:
+        handle = _start_joinable(fn, daemon=True)
+        return handle.join
+    box: list[Any] = []
+    started = allocate_lock()
+    started.acquire()
+
+    def run() -> None:
+        # Released by the interpreter once this thread's state is gone, as threading does.
+        box.append(_set_sentinel())
+        started.release()
+        fn()
+
+    start_new_thread(run, ())
+    started.acquire()
+    sentinel = box[0]
+
+    def join() -> None:
+        sentinel.acquire()
+        sentinel.release()
+
+    return join

@@ -1,0 +1,441 @@
+"""SplicePool: checks, round-robin assignment, and who splices what.
+
+This is FreeBSD's ``so_splice`` / ``so_unsplice`` side: it validates a
+request in the kernel's order, takes its own duplicates of the fds (or the
+sockets themselves, when handed over), assigns a worker round-robin and hands
+the splice to it. The workers do everything else.
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import os
+import sys
+from typing import Any
+
+from . import _checks, _native
+from ._checks import SockInfo, oserror
+from .splice import LIVE_STATES, EndReason, Splice
+from .worker import Worker
+from .xfer import HAVE_SPLICE
+
+__all__ = ["SplicePool"]
+
+_RECORDS_MIN = 1024  # ended-splice counters kept before pruning closed sockets
+
+
+class Endpoint:
+    """One socket as the pool holds it, shared by every splice that uses it.
+
+    ``fd`` is the pool's own duplicate, or the caller's fd when the socket was
+    handed over (``close=True``). The duplicate shares the file description
+    with the caller's socket, so the caller closing theirs cannot make a worker
+    touch a reused fd number.
+    """
+
+    __slots__ = (
+        "key",
+        "fd",
+        "sock",
+        "label",
+        "dup",
+        "owned",
+        "adopted",
+        "was_blocking",
+        "refs",
+        "connecting",
+        "outq",
+        "sndbuf",
+        "sndbuf_age",
+    )
+
+    def __init__(self, info: SockInfo, fd: int, dup: bool) -> None:
+        self.key = info.key
+        self.fd = fd
+        self.label = info.label
+        self.dup = dup  # fd is the pool's duplicate (closed by the pool)
+        self.owned = False  # the caller handed the socket over: close its fd(s) too
+        self.adopted: list[int] = []  # caller fds handed over besides self.fd
+        self.refs = 0
+        self.connecting = not info.connected
+        self.outq = sys.platform.startswith("linux")  # SIOCOUTQ gives the drain's queue
+        self.sndbuf = 0
+        self.sndbuf_age = 1 << 30  # read SO_SNDBUF on the first pass
+        self.was_blocking = os.get_blocking(fd)
+        self.sock = _socket.socket(fileno=fd)
+        try:
+            self.sock.setblocking(False)
+        except BaseException:
+            self.sock.detach()
+            raise
+
+    def release(self) -> None:
+        """The last splice using it is done: restore the blocking mode, close what the pool holds."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.detach()
+        if self.owned:
+            for fd in [self.fd, *self.adopted]:
+                _close(fd)
+            return
+        if self.was_blocking:
+            try:
+                os.set_blocking(self.fd, True)
+            except OSError:
+                pass
+        if self.dup:
+            _close(self.fd)
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+class SplicePool:
+    """A fixed pool of worker threads that splice sockets.
+
+    ``workers`` (default: ``os.cpu_count()``) threads start lazily, on the first
+    splice assigned to each. ``zero_copy=None`` uses ``os.splice`` where the
+    platform has it, ``False`` forces the copy path. ``pipe_size`` sizes each
+    splice's pipe (``F_SETPIPE_SZ``); ``copy_size`` the copy path's buffer.
+    A context manager: leaving the block calls ``close()``.
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        backend: str = "thread",
+        *,
+        pipe_size: int = 1 << 20,
+        zero_copy: bool | None = None,
+        copy_size: int = 256 * 1024,
+    ) -> None:
+        if workers is None:
+            workers = os.cpu_count() or 1
+        if isinstance(workers, bool) or not isinstance(workers, int):
+            raise TypeError(f"workers must be an int, not {type(workers).__name__}")
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        if backend != "thread":
+            raise ValueError(f"unknown backend {backend!r}: expected 'thread'")
+        for name, value in (("pipe_size", pipe_size), ("copy_size", copy_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+            if value < 4096:
+                raise ValueError(f"{name} must be at least 4096 bytes, not {value}")
+        if zero_copy and not HAVE_SPLICE:
+            raise ValueError("zero_copy=True needs os.splice (Linux, Python >= 3.10)")
+        self.backend = backend
+        self._zero_copy = HAVE_SPLICE if zero_copy is None else bool(zero_copy)
+        self._pipe_size = pipe_size
+        self._copy_size = copy_size
+        self._lock = _native.allocate_lock()
+        self._workers: list[Worker | None] = [None] * workers
+        self._next = 0
+        self._closed = False
+        self._endpoints: dict[tuple[int, int], Endpoint] = {}
+        self._sources: dict[tuple[int, int], Splice] = {}  # live splices by source
+        self._drains: dict[tuple[int, int], Splice] = {}  # splices not done, by drain
+        self._records: dict[tuple[int, int], tuple[int, Splice]] = {}  # ended, by source
+        self._records_limit = _RECORDS_MIN
+
+    # -- context manager ---------------------------------------------------------
+    def __enter__(self) -> SplicePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"live={len(self._sources)}"
+        return f"<SplicePool workers={len(self._workers)} {state}>"
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- splice / unsplice ---------------------------------------------------------
+    def splice(
+        self,
+        src: Any,
+        dst: Any,
+        max: int = 0,
+        idle: float | None = None,
+        close: bool = False,
+    ) -> Splice:
+        """Splice ``src`` into ``dst``; return the running ``Splice``.
+
+        Returns once the splice is set up and queued on its worker; data already
+        in the source moves at once. ``dst`` negative unsplices ``src`` (and
+        returns that splice). Raises ``OSError`` with FreeBSD's errno for a bad
+        request (SPEC section 3), ``TypeError`` for bad types, ``RuntimeError``
+        if the pool is closed; a failed call changes nothing.
+        """
+        src_fd = _checks.fileno_of(src, "source")
+        if isinstance(dst, int) and not isinstance(dst, bool) and dst < 0:
+            return self.unsplice(src)
+        dst_fd = _checks.fileno_of(dst, "drain")
+        max = _checks.check_max(max)
+        idle = _checks.check_idle(idle)
+        self._check_open()
+        src_info = _checks.probe(src, src_fd, "source")
+        dst_info = _checks.probe(dst, dst_fd, "drain")
+        _checks.validate_limits(max, idle)
+        _checks.check_spliceable(src_info)
+        _checks.check_spliceable(dst_info)
+        with self._lock:
+            self._check_open()
+            _checks.check_endpoint(src_info, accept_connecting=True)
+            busy = self._sources.get(src_info.key)
+            if busy is not None:
+                raise oserror(errno.EBUSY, f"{src_info.label} is already spliced (to {busy._dst.label})")
+            _checks.check_endpoint(dst_info, accept_connecting=True)
+            busy = self._drains.get(dst_info.key)
+            if busy is not None:
+                raise oserror(
+                    errno.EBUSY, f"{dst_info.label} is already the drain of {busy._src.label}"
+                )
+            sp = self._create(src, src_info, dst, dst_info, max, idle, close)
+        if close:
+            for obj in (src, dst):
+                if not isinstance(obj, int) and hasattr(obj, "detach"):
+                    obj.detach()
+        return sp
+
+    def _create(
+        self,
+        src: Any,
+        src_info: SockInfo,
+        dst: Any,
+        dst_info: SockInfo,
+        max: int,
+        idle: float | None,
+        close: bool,
+    ) -> Splice:
+        """Take the endpoints, pick a worker, register and queue the splice (lock held)."""
+        taken: list[Endpoint] = []
+        try:
+            src_ep = self._take_endpoint(src_info, close)
+            taken.append(src_ep)
+            dst_ep = self._take_endpoint(dst_info, close)
+            taken.append(dst_ep)
+            index = self._next
+            worker = self._worker(index)
+        except BaseException:
+            for ep in taken:
+                self._put_endpoint(ep)
+            raise
+        self._next = (index + 1) % len(self._workers)
+        if close:
+            for ep, info in ((src_ep, src_info), (dst_ep, dst_info)):
+                ep.owned = True
+                if info.fd != ep.fd and info.fd not in ep.adopted:
+                    ep.adopted.append(info.fd)
+        sp = Splice(self, src, dst, max, idle or None, index)
+        sp._src, sp._dst = src_ep, dst_ep
+        sp._user_fd = src_info.fd
+        self._sources[src_info.key] = sp
+        self._drains[dst_info.key] = sp
+        self._records.pop(src_info.key, None)
+        worker.post(("add", sp))
+        return sp
+
+    def _take_endpoint(self, info: SockInfo, close: bool) -> Endpoint:
+        ep = self._endpoints.get(info.key)
+        if ep is None:
+            if close:
+                ep = Endpoint(info, info.fd, dup=False)
+            else:
+                try:
+                    fd = os.dup(info.fd)
+                except OSError as exc:
+                    raise oserror(exc.errno or errno.EMFILE, f"cannot duplicate {info.label}") from exc
+                try:
+                    if _checks.socket_key(fd) != info.key:
+                        raise oserror(errno.EBADF, f"{info.label} was closed during the call")
+                    ep = Endpoint(info, fd, dup=True)
+                except BaseException:
+                    _close(fd)
+                    raise
+            self._endpoints[info.key] = ep
+        ep.refs += 1
+        return ep
+
+    def _put_endpoint(self, ep: Endpoint) -> None:
+        ep.refs -= 1
+        if ep.refs <= 0:
+            del self._endpoints[ep.key]
+            ep.release()
+
+    def _worker(self, index: int) -> Worker:
+        worker = self._workers[index]
+        if worker is None or not worker.accepting:
+            worker = Worker(self, index)
+            try:
+                worker.start()
+            except BaseException:
+                worker.pipes.close()
+                worker.hub.close()
+                raise
+            self._workers[index] = worker
+        return worker
+
+    def unsplice(self, src: Any) -> Splice:
+        """Stop splicing ``src`` (FreeBSD's ``so_unsplice``) and return that splice.
+
+        Returns once the worker has finished any chunk in flight; nothing more is
+        taken from the source. Raises ``OSError`` EINVAL for a listening socket,
+        ENOTCONN if ``src`` is not a spliced source.
+        """
+        src_fd = _checks.fileno_of(src, "source")
+        info = _checks.probe(src, src_fd, "source")
+        if info.listening:
+            raise oserror(errno.EINVAL, f"{info.label} is listening: nothing to unsplice")
+        with self._lock:
+            sp = self._sources.get(info.key)
+        if sp is None:
+            raise oserror(errno.ENOTCONN, f"{info.label} is not spliced (as a source)")
+        self._unsplice_splice(sp)
+        return sp
+
+    def _unsplice_splice(self, sp: Splice) -> None:
+        ack = _native.Event()
+        with self._lock:
+            if self._sources.get(sp._src.key) is not sp:
+                raise oserror(errno.ENOTCONN, f"{sp._src.label} is not spliced (as a source)")
+            worker = self._workers[sp.worker]
+            if worker is None or not worker.accepting:
+                return  # its worker is exiting and ends it
+            if worker.thread_id == _native.get_ident():
+                ack = None
+            else:
+                worker.post(("unsplice", sp, ack))
+        if ack is None:  # called from its own worker (a done callback): act directly
+            if sp.state in LIVE_STATES:
+                worker._end(sp, EndReason.UNSPLICED, None)
+            return
+        ack.wait()
+
+    # -- counters ------------------------------------------------------------------
+    def transferred(self, src: Any) -> int:
+        """Bytes moved by the most recent splice whose source is ``src`` (like getsockopt(SO_SPLICE)).
+
+        The running total while spliced, the final total after it ended, 0 if
+        never spliced. Raises ``OSError`` EBADF if ``src`` is not open.
+        """
+        fd = _checks.fileno_of(src, "source")
+        try:
+            key = _checks.socket_key(fd)
+        except OSError as exc:
+            raise oserror(errno.EBADF, f"source fd {fd} is not an open file descriptor") from exc
+        with self._lock:
+            sp = self._sources.get(key)
+            if sp is None:
+                record = self._records.get(key)
+                if record is None:
+                    return 0
+                sp = record[1]
+        return sp.transferred
+
+    # -- called by workers ---------------------------------------------------------------
+    def _source_ended(self, sp: Splice) -> None:
+        """The splice stopped taking from its source: free the source, keep its counter."""
+        src = sp._src
+        with self._lock:
+            if self._sources.get(src.key) is sp:
+                del self._sources[src.key]
+            if src.owned:
+                return  # the pool closes it: its counter dies with it
+            self._records[src.key] = (sp._user_fd, sp)
+            if len(self._records) > self._records_limit:
+                self._prune_records()
+
+    def _prune_records(self) -> None:
+        """Forget counters of sources the caller has closed (fd gone or reused)."""
+        stale = []
+        for key, (fd, _sp) in self._records.items():
+            try:
+                if fd < 0 or _checks.socket_key(fd) != key:
+                    stale.append(key)
+            except OSError:
+                stale.append(key)
+        for key in stale:
+            del self._records[key]
+        self._records_limit = max(_RECORDS_MIN, 2 * len(self._records))
+
+    def _splice_done(self, sp: Splice) -> None:
+        """Nothing of the splice is in flight: free the drain and the endpoints."""
+        with self._lock:
+            if self._drains.get(sp._dst.key) is sp:
+                del self._drains[sp._dst.key]
+            if self._sources.get(sp._src.key) is sp:
+                del self._sources[sp._src.key]
+            self._put_endpoint(sp._src)
+            self._put_endpoint(sp._dst)
+
+    # -- closing and stats ---------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("splicepool: the pool is closed")
+
+    def close(self, grace: float = 1.0) -> None:
+        """End every live splice with POOL_CLOSED and stop the workers.
+
+        Data not yet moved stays in the sources; pipe leftovers get ``grace``
+        seconds to reach their drains. Joins the workers and leaves no thread or
+        fd behind. Idempotent.
+        """
+        with self._lock:
+            already = self._closed
+            self._closed = True
+            workers = [w for w in self._workers if w is not None]
+            for worker in workers:
+                if worker.accepting and not already:
+                    worker.post(("close", grace))
+        me = _native.get_ident()
+        for worker in workers:
+            if worker.thread_id != me:
+                worker.join()
+
+    def stats(self) -> dict[str, Any]:
+        """A JSON-serialisable snapshot: live splices, bytes moved, and per-worker counters."""
+        workers = []
+        with self._lock:
+            live = len(self._sources)
+            for index, worker in enumerate(self._workers):
+                if worker is None:
+                    workers.append(
+                        {"index": index, "live": 0, "bytes": 0, "passes": 0, "wakeups": 0,
+                         "zero_copy": 0, "copy": 0, "started": False}
+                    )
+                    continue
+                workers.append(
+                    {
+                        "index": index,
+                        "live": sum(1 for sp in list(worker.splices) if sp.state in LIVE_STATES),
+                        "bytes": worker.bytes,
+                        "passes": worker.passes,
+                        "wakeups": worker.wakeups,
+                        "zero_copy": worker.zero_copy,
+                        "copy": worker.copy,
+                        "started": True,
+                        "pipes_created": worker.pipes.created,
+                        "pipes_idle": worker.pipes.idle,
+                    }
+                )
+        return {
+            "live": live,
+            "bytes": sum(w["bytes"] for w in workers),
+            "zero_copy": self._zero_copy,
+            "workers": workers,
+        }
+
+

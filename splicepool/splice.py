@@ -1,0 +1,227 @@
+"""The ``Splice`` handle, its states and end reasons.
+
+The state machine is FreeBSD's (``enum so_splice_state``). Every legal move is
+in ``TRANSITIONS`` below; ``Splice._set_state`` is the one place a state
+changes, and only the splice's own worker calls it, so a pass and a state
+change never race. Other threads only read ``state`` and wait for ``done()``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any
+
+from . import _native
+
+if TYPE_CHECKING:
+    from .pool import SplicePool
+
+log = logging.getLogger("splicepool")
+
+
+class SpliceState(enum.Enum):
+    """Where a splice is in its life (FreeBSD's ``SPLICE_*`` states)."""
+
+    INIT = "init"  # created by pool.splice(), not yet taken up by its worker
+    IDLE = "idle"  # waiting for the source to be readable or the drain writable
+    QUEUED = "queued"  # on its worker's ready queue
+    RUNNING = "running"  # its worker is in an xfer pass for it
+    CLOSING = "closing"  # unspliced (by the user or pool.close); the pipe leftover is being delivered
+    CLOSED = "closed"  # ended, nothing in flight: done() is true
+    EXCEPTION = "exception"  # ended by itself (EOF, max, idle, error); finishing like CLOSING
+
+
+S = SpliceState
+
+#: Every legal move, and who makes it (always the splice's worker).
+TRANSITIONS: dict[SpliceState, frozenset[SpliceState]] = {
+    # The worker takes up a new splice and queues its first pass (data already in
+    # the source moves at once); CLOSED if it could not be set up.
+    S.INIT: frozenset({S.QUEUED, S.CLOSED}),
+    # Readiness (or a requeue) queues it; unsplice/pool.close makes it CLOSING;
+    # the idle timer makes it EXCEPTION.
+    S.IDLE: frozenset({S.QUEUED, S.CLOSING, S.EXCEPTION}),
+    S.QUEUED: frozenset({S.RUNNING, S.CLOSING, S.EXCEPTION}),
+    # After a pass: wait for readiness, requeue (data and space remain, fairness),
+    # or end by itself (EOF, max, error).
+    S.RUNNING: frozenset({S.IDLE, S.QUEUED, S.EXCEPTION}),
+    # Once the pipe leftover is delivered (or dropped) and the fds released.
+    S.CLOSING: frozenset({S.CLOSED}),
+    S.EXCEPTION: frozenset({S.CLOSED}),
+    S.CLOSED: frozenset(),
+}
+
+LIVE_STATES = frozenset({S.INIT, S.IDLE, S.QUEUED, S.RUNNING})
+
+
+class EndReason(enum.Enum):
+    """Why a splice ended."""
+
+    EOF = "eof"  # the source reached EOF and everything before it was moved
+    MAX = "max"  # exactly ``max`` bytes moved
+    IDLE = "idle"  # no byte moved for ``idle`` seconds
+    UNSPLICED = "unspliced"  # pool.splice(src, -1), pool.unsplice(src) or Splice.unsplice()
+    ERROR = "error"  # a socket error on either side; see Splice.error
+    POOL_CLOSED = "pool_closed"  # pool.close() while it was live
+
+
+class SpliceStateError(RuntimeError):
+    """An illegal state transition: a bug in splicepool, never the user's."""
+
+
+class Splice:
+    """One running (or ended) splice: ``source`` into ``drain``.
+
+    Created by ``SplicePool.splice()``; never instantiate it yourself. Counters
+    are exact: ``transferred`` counts bytes the drain accepted, ``dropped``
+    bytes taken from the source that the drain never accepted.
+    """
+
+    __slots__ = (
+        "source",
+        "drain",
+        "max",
+        "idle",
+        "worker",
+        "state",
+        "reason",
+        "error",
+        "transferred",
+        "dropped",
+        "taken",
+        "_pool",
+        "_src",
+        "_dst",
+        "_mover",
+        "_done",
+        "_lock",
+        "_callbacks",
+        "_queued",
+        "_wait_drain",
+        "_check_drain",
+        "_last_move",
+        "_finishing",
+        "_user_fd",
+        "__weakref__",
+    )
+
+    def __init__(
+        self,
+        pool: SplicePool,
+        source: Any,
+        drain: Any,
+        max: int,
+        idle: float | None,
+        worker: int,
+    ) -> None:
+        self.source = source
+        self.drain = drain
+        self.max = max
+        self.idle = idle
+        self.worker = worker
+        self.state = S.INIT
+        self.reason: EndReason | None = None
+        self.error: OSError | None = None
+        self.transferred = 0
+        self.dropped = 0
+        self.taken = 0  # bytes pulled from the source: transferred + dropped + in flight
+        self._pool = pool
+        self._src: Any = None  # the pool's endpoints (set by the pool)
+        self._dst: Any = None
+        self._mover: Any = None  # set by the worker: ZeroCopyMover or CopyMover
+        self._done = _native.Event()
+        self._lock = _native.allocate_lock()
+        self._callbacks: list[Callable[[Splice], Any]] | None = []
+        self._queued = False  # on the worker's ready queue
+        self._wait_drain = False  # waiting for the drain to become writable
+        self._check_drain = False  # the drain reported an error or hang-up
+        self._last_move = 0.0  # monotonic time of the last pass that moved bytes
+        self._finishing = False  # ended, delivering the leftover
+        self._user_fd = -1  # the caller's fd number for the source (to notice it closing)
+
+    # -- read-only views -------------------------------------------------
+    @property
+    def zero_copy(self) -> bool:
+        """True while bytes move with os.splice (never entering Python), False on the copy path."""
+        mover = self._mover
+        if mover is None:
+            return self._pool._zero_copy
+        return mover.zero_copy
+
+    @property
+    def in_flight(self) -> int:
+        """Bytes taken from the source that the drain has not accepted yet (the pipe leftover)."""
+        mover = self._mover
+        return mover.pending if mover is not None else 0
+
+    def done(self) -> bool:
+        """True once the splice has ended and nothing of it is left in flight."""
+        return self._done.is_set()
+
+    def __repr__(self) -> str:
+        src = self._src.label if self._src is not None else repr(self.source)
+        dst = self._dst.label if self._dst is not None else repr(self.drain)
+        end = f" reason={self.reason.name}" if self.reason else ""
+        return (
+            f"<Splice {src} -> {dst} worker={self.worker} state={self.state.name}"
+            f" transferred={self.transferred}{end}>"
+        )
+
+    # -- waiting -----------------------------------------------------------
+    def wait(self, timeout: float | None = None) -> EndReason:
+        """Block until the splice has ended and return its ``reason``.
+
+        Raises ``TimeoutError`` if it is still running after ``timeout`` seconds.
+        """
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"splice still running after {timeout} s: {self!r}")
+        assert self.reason is not None
+        return self.reason
+
+    def add_done_callback(self, fn: Callable[[Splice], Any]) -> None:
+        """Call ``fn(splice)`` once it has ended (at once, here, if it already has).
+
+        The call normally happens in the splice's worker thread: keep it short,
+        never block in it. An exception it raises is logged and ignored.
+        """
+        with self._lock:
+            callbacks = self._callbacks
+            if callbacks is not None:
+                callbacks.append(fn)
+                return
+        _run_callback(fn, self)
+
+    def __await__(self) -> Generator[Any, None, EndReason]:
+        """``await splice`` in asyncio: wait without blocking the loop, return ``reason``."""
+        from .aio import wait_async
+
+        return wait_async(self).__await__()
+
+    def unsplice(self) -> None:
+        """Stop this splice: same as ``pool.splice(splice.source, -1)``."""
+        self._pool._unsplice_splice(self)
+
+    # -- used by the worker only ---------------------------------------------
+    def _set_state(self, new: SpliceState) -> None:
+        old = self.state
+        if new not in TRANSITIONS[old]:
+            raise SpliceStateError(f"illegal splice transition {old.name} -> {new.name}")
+        self.state = new
+
+    def _signal_done(self) -> None:
+        """Mark CLOSED and wake everyone: wait()ers, then the done callbacks (worker thread)."""
+        with self._lock:
+            self._set_state(S.CLOSED)
+            callbacks, self._callbacks = self._callbacks, None
+        self._done.set()
+        for fn in callbacks or ():
+            _run_callback(fn, self)
+
+
+def _run_callback(fn: Callable[[Splice], Any], sp: Splice) -> None:
+    try:
+        fn(sp)
+    except Exception:
+        log.exception("splicepool: done callback %r raised (ignored)", fn)

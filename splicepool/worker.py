@@ -1,0 +1,534 @@
+"""One worker: its hub, its ready queue, its timers, and xfer (FreeBSD's ``splice_work_thread``).
+
+A worker owns the splices assigned to it at creation. It sleeps on its hub
+until one of them can progress (source readable, drain writable, a timer due,
+a control message), then runs one bounded xfer pass per ready splice, in
+order. Every syscall on a spliced fd is non-blocking, so a slow drain stalls
+only its own splice. Only the worker changes its splices' states.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import heapq
+import itertools
+import logging
+import socket
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from . import _hub, _native
+from .splice import LIVE_STATES, EndReason, Splice, SpliceState
+from .xfer import CopyMover, NotSpliceable, PipePool, ZeroCopyMover
+
+if TYPE_CHECKING:
+    from .pool import SplicePool
+
+log = logging.getLogger("splicepool")
+
+S = SpliceState
+_SIOCOUTQ = 0x5411  # Linux: bytes in a socket's send queue (unsent + unacked)
+_LOW_WATER_MAX = 64 * 1024  # below this much drain space (and less than wanted), wait for the drain
+_SNDBUF_REFRESH = 32  # passes between re-reads of the drain's SO_SNDBUF (TCP autotuning grows it)
+
+try:
+    import fcntl
+
+    _ioctl: Any = fcntl.ioctl
+except ImportError:  # pragma: no cover - not POSIX
+    _ioctl = None
+
+# What a pass ends waiting for.
+_WAIT_SOURCE = 0
+_WAIT_DRAIN = 1
+_REQUEUE = 2
+_ENDED = 3
+
+
+def _side_error(exc: OSError, label: str) -> OSError:
+    """The same errno, with the side (source/drain fd and addresses) in the message."""
+    code = exc.errno or errno.EIO
+    return OSError(code, f"{exc.strerror or exc}: {label}")
+
+
+class Worker:
+    """A worker thread (or, for other backends, the same logic driven differently)."""
+
+    def __init__(self, pool: SplicePool, index: int, hub: Any = None) -> None:
+        self.pool = pool
+        self.index = index
+        self.hub = hub if hub is not None else _hub.default_hub()
+        self.pipes = PipePool(pool._pipe_size)
+        self.budget = max(pool._pipe_size, 256 * 1024) * 2  # bytes per pass, then requeue
+        self._copybuf: memoryview | None = None
+        self.control: deque[tuple[Any, ...]] = deque()
+        self.ready: deque[Splice] = deque()
+        self.timers: list[tuple[float, int, Splice]] = []
+        self._seq = itertools.count()
+        self.fds: dict[int, list[Splice | None]] = {}  # fd -> [splice it is the source of, drain of]
+        self.splices: set[Splice] = set()  # assigned here and not yet done
+        self.accepting = True  # cleared (under the pool lock) when the loop exits
+        self.thread_id: int | None = None
+        self.exited = _native.Event()
+        self.join: Any = self.exited.wait
+        self._closing_at: float | None = None
+        self._ioc = array.array("i", [0])
+        # Counters for stats(); written by this worker only.
+        self.passes = 0
+        self.wakeups = 0
+        self.bytes = 0
+        self.zero_copy = 0
+        self.copy = 0
+
+    # -- life ----------------------------------------------------------------
+    def start(self) -> None:
+        self.join = _native.start_thread(self._run)
+
+    def post(self, msg: tuple[Any, ...]) -> None:
+        """Queue a control message (any thread; the caller holds the pool lock)."""
+        self.control.append(msg)
+        self.hub.wake()
+
+    def _run(self) -> None:
+        self.thread_id = _native.get_ident()
+        try:
+            self._loop()
+        except BaseException as exc:  # a bug: report it, end what it held, never hang
+            log.critical("splicepool: worker %d crashed", self.index, exc_info=True)
+            err = OSError(errno.EIO, f"splicepool worker {self.index} crashed: {exc!r}")
+            for sp in list(self.splices):
+                self._abandon(sp, EndReason.ERROR, err)
+        finally:
+            self._exit()
+
+    def _exit(self) -> None:
+        with self.pool._lock:
+            self.accepting = False
+        for msg in self.control:  # nothing posts after accepting is cleared
+            if msg[0] == "add":
+                self._abandon(msg[1], EndReason.POOL_CLOSED, None)
+            elif msg[0] == "unsplice":
+                msg[2].set()
+        self.control.clear()
+        for sp in list(self.splices):
+            self._abandon(sp, EndReason.POOL_CLOSED, None)
+        self.pipes.close()
+        self.hub.close()
+        self.exited.set()
+
+    # -- the loop ------------------------------------------------------------
+    def _loop(self) -> None:
+        hub = self.hub
+        ready = self.ready
+        control = self.control
+        timers = self.timers
+        monotonic = _native.monotonic
+        while True:
+            if ready:
+                timeout: float | None = 0.0
+            else:
+                timeout = None
+                if timers:
+                    timeout = max(0.0, timers[0][0] - monotonic())
+                if self._closing_at is not None:
+                    left = max(0.0, self._closing_at - monotonic())
+                    timeout = left if timeout is None else min(timeout, left)
+            events = hub.poll(timeout)
+            if events:
+                self.wakeups += 1
+                fds = self.fds
+                for fd, flags in events:
+                    entry = fds.get(fd)
+                    if entry is not None:
+                        self._dispatch(entry, flags)
+            if control:
+                self._process_control()
+            if timers and timers[0][0] <= monotonic():
+                self._expire_timers(monotonic())
+            for _ in range(len(ready)):
+                sp = ready.popleft()
+                sp._queued = False
+                self._xfer(sp)
+            if self._closing_at is not None:
+                if not self.splices:
+                    return
+                if monotonic() >= self._closing_at:
+                    for sp in list(self.splices):
+                        self._abandon(sp, EndReason.POOL_CLOSED, None)
+                    return
+
+    def _dispatch(self, entry: list[Splice | None], flags: int) -> None:
+        """Readiness on an fd: queue the splice(s) it can move (FreeBSD's so_splice_dispatch)."""
+        src_of, drain_of = entry
+        # A source whose splice waits for its drain is read when the drain wakes it.
+        if src_of is not None and flags & _hub.READ and not src_of._wait_drain:
+            self._make_ready(src_of)
+        if drain_of is not None:
+            if flags & _hub.ERROR:
+                drain_of._check_drain = True
+                self._make_ready(drain_of)
+            elif flags & _hub.WRITE and drain_of._wait_drain:
+                self._make_ready(drain_of)
+
+    def _make_ready(self, sp: Splice) -> None:
+        if sp._queued:
+            return
+        state = sp.state
+        if state is S.IDLE:
+            sp._set_state(S.QUEUED)
+        elif state is not S.CLOSING and state is not S.EXCEPTION:
+            return
+        sp._queued = True
+        self.ready.append(sp)
+
+    # -- control messages (from pool.splice, unsplice, close) ------------------
+    def _process_control(self) -> None:
+        control = self.control
+        while control:
+            msg = control.popleft()
+            kind = msg[0]
+            if kind == "add":
+                self._add(msg[1])
+            elif kind == "unsplice":
+                sp, ack = msg[1], msg[2]
+                if sp.state in LIVE_STATES:
+                    self._end(sp, EndReason.UNSPLICED, None)
+                ack.set()
+            elif kind == "close":
+                self._close(msg[1])
+
+    def _add(self, sp: Splice) -> None:
+        self.splices.add(sp)
+        if self._closing_at is not None:
+            self._abandon(sp, EndReason.POOL_CLOSED, None)
+            return
+        try:
+            self._add_role(sp._src.fd, 0, sp)
+            self._add_role(sp._dst.fd, 1, sp)
+        except OSError as exc:
+            self._abandon(sp, EndReason.ERROR, exc)
+            return
+        if sp._mover is None:
+            sp._mover = self._new_mover()
+        if sp._mover.zero_copy:
+            self.zero_copy += 1
+        else:
+            self.copy += 1
+        sp._set_state(S.QUEUED)  # the first pass moves what the source already holds
+        sp._queued = True
+        self.ready.append(sp)
+        now = _native.monotonic()
+        sp._last_move = now
+        if sp.idle:
+            heapq.heappush(self.timers, (now + sp.idle, next(self._seq), sp))
+
+    def _new_mover(self) -> ZeroCopyMover | CopyMover:
+        if self.pool._zero_copy:
+            return ZeroCopyMover(self.pipes)
+        return CopyMover(self._copy_buffer())
+
+    def _copy_buffer(self) -> memoryview:
+        if self._copybuf is None:
+            self._copybuf = memoryview(bytearray(self.pool._copy_size))
+        return self._copybuf
+
+    def _close(self, grace: float) -> None:
+        self._closing_at = _native.monotonic() + max(grace, 0.0)
+        for sp in list(self.splices):
+            if sp.state in LIVE_STATES:
+                self._end(sp, EndReason.POOL_CLOSED, None)
+
+    # -- fd roles on the hub ---------------------------------------------------
+    def _add_role(self, fd: int, role: int, sp: Splice) -> None:
+        entry = self.fds.get(fd)
+        if entry is None:
+            self.hub.add(fd)
+            entry = self.fds[fd] = [None, None]
+        entry[role] = sp
+        self._update_interest(fd, entry)
+
+    def _drop_role(self, fd: int, role: int, sp: Splice) -> None:
+        entry = self.fds.get(fd)
+        if entry is None or entry[role] is not sp:
+            return
+        entry[role] = None
+        if entry[0] is None and entry[1] is None:
+            del self.fds[fd]
+            self.hub.remove(fd)
+        else:
+            self._update_interest(fd, entry)
+
+    def _update_interest(self, fd: int, entry: list[Splice | None]) -> None:
+        src_of, drain_of = entry
+        read = src_of is not None and not src_of._wait_drain
+        write = drain_of is not None and drain_of._wait_drain
+        self.hub.interest(fd, read, write)
+
+    def _wait_for(self, sp: Splice, drain: bool) -> None:
+        """Say what the splice waits for next; arms the drain on every drain wait."""
+        if drain:
+            was = sp._wait_drain
+            sp._wait_drain = True
+            fd = sp._dst.fd
+            self._update_interest(fd, self.fds[fd])
+            if not was and sp._src.fd != fd and not sp._finishing:
+                self._update_interest(sp._src.fd, self.fds[sp._src.fd])
+        elif sp._wait_drain:
+            sp._wait_drain = False
+            for fd in {sp._src.fd, sp._dst.fd}:
+                entry = self.fds.get(fd)
+                if entry is not None:
+                    self._update_interest(fd, entry)
+
+    # -- timers ------------------------------------------------------------------
+    def _expire_timers(self, now: float) -> None:
+        timers = self.timers
+        while timers and timers[0][0] <= now:
+            _, _, sp = heapq.heappop(timers)
+            if sp.state is S.CLOSED or not sp.idle:
+                continue
+            deadline = sp._last_move + sp.idle
+            if deadline > now:  # something moved since: re-arm (one entry per splice)
+                heapq.heappush(timers, (deadline, next(self._seq), sp))
+                continue
+            # Nothing moved for `idle` seconds; a leftover means the drain accepted nothing.
+            if sp.state in LIVE_STATES:
+                self._end(sp, EndReason.IDLE, None, drop=True)
+            else:
+                sp.dropped += sp._mover.drop()
+                self._finish(sp)
+
+    # -- xfer ----------------------------------------------------------------------
+    def _xfer(self, sp: Splice) -> None:
+        """One pass for one splice (FreeBSD's so_splice_xfer)."""
+        state = sp.state
+        if state is S.CLOSED:
+            return
+        self.passes += 1
+        if sp._finishing:
+            self._flush(sp)
+            return
+        sp._set_state(S.RUNNING)
+        before = sp.transferred
+        try:
+            outcome = self._pass(sp)
+        except Exception as exc:  # a bug in a pass ends that splice, not the worker
+            log.error("splicepool: xfer pass failed for %r", sp, exc_info=True)
+            if sp.state is S.RUNNING:
+                err = OSError(errno.EIO, f"splicepool internal error: {exc!r}")
+                self._end(sp, EndReason.ERROR, err, drop=True)
+            return
+        moved = sp.transferred - before
+        if moved:
+            self.bytes += moved
+            sp._last_move = _native.monotonic()
+        if outcome == _ENDED:
+            return
+        if outcome == _REQUEUE:
+            sp._set_state(S.QUEUED)
+            sp._queued = True
+            self.ready.append(sp)
+            if sp._wait_drain:
+                self._wait_for(sp, drain=False)
+            return
+        sp._set_state(S.IDLE)
+        self._wait_for(sp, drain=outcome == _WAIT_DRAIN)
+
+    def _pass(self, sp: Splice) -> int:
+        mover = sp._mover
+        src = sp._src
+        dst = sp._dst
+        woke_for_drain = sp._wait_drain
+        if mover.pending:
+            try:
+                sp.transferred += mover.push(dst)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                return self._end(sp, EndReason.ERROR, _side_error(exc, dst.label), drop=True)
+            if mover.pending:
+                return _WAIT_DRAIN
+        if dst.connecting and not self._drain_connected(sp):
+            return _WAIT_DRAIN if sp.state is S.RUNNING else _ENDED
+        if sp._check_drain:
+            sp._check_drain = False
+            err = dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                exc = OSError(err, f"{errno.errorcode.get(err, err)}: {dst.label}")
+                return self._end(sp, EndReason.ERROR, exc, drop=True)
+        budget = self.budget
+        limit = sp.max
+        while True:
+            want = budget
+            if limit:
+                rest = limit - sp.taken
+                if rest <= 0:
+                    mover.release()
+                    return self._end(sp, EndReason.MAX, None)
+                if rest < want:
+                    want = rest
+            cap = mover.capacity()
+            if cap < want:
+                want = cap
+            space, low = self._drain_space(dst)
+            n = want if space >= want else space
+            if n < low and n < want:
+                if not woke_for_drain:
+                    mover.release()
+                    return _WAIT_DRAIN
+                # The drain said it is writable: trust it for one low-water chunk, so an
+                # estimate that lags the kernel can never spin us on drain wakeups.
+                n = min(want, low)
+            woke_for_drain = False
+            try:
+                got = mover.pull(src, n)
+            except BlockingIOError:
+                mover.release()
+                return _WAIT_SOURCE
+            except NotSpliceable as exc:
+                self._to_copy(sp, exc)
+                mover = sp._mover
+                continue
+            except OSError as exc:
+                mover.release()
+                return self._end(sp, EndReason.ERROR, _side_error(exc, src.label))
+            if not got:
+                mover.release()
+                return self._end(sp, EndReason.EOF, None)
+            sp.taken += got
+            try:
+                sp.transferred += mover.push(dst)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                return self._end(sp, EndReason.ERROR, _side_error(exc, dst.label), drop=True)
+            if mover.pending:
+                return _WAIT_DRAIN
+            budget -= got
+            if budget <= 0:
+                mover.release()
+                return _REQUEUE
+
+    def _drain_space(self, dst: Any) -> tuple[int, int]:
+        """(free bytes in the drain's send buffer now, low-water mark) - an estimate."""
+        if not dst.outq:
+            return (1 << 62, 0)
+        age = dst.sndbuf_age
+        if age >= _SNDBUF_REFRESH:
+            dst.sndbuf = dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            age = 0
+        ioc = self._ioc
+        try:
+            _ioctl(dst.fd, _SIOCOUTQ, ioc, True)
+        except OSError:
+            dst.outq = False  # not a socket type that reports it: rely on partial sends
+            return (1 << 62, 0)
+        space = dst.sndbuf - ioc[0]
+        low = dst.sndbuf >> 2
+        if low > _LOW_WATER_MAX:
+            low = _LOW_WATER_MAX
+        if space < low and age:
+            # Before calling the drain full, make sure we are not looking at a stale size.
+            dst.sndbuf = dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+            age = 0
+            space = dst.sndbuf - ioc[0]
+        dst.sndbuf_age = age + 1
+        return (space, low)
+
+    def _drain_connected(self, sp: Splice) -> bool:
+        """A drain accepted while its connect was in progress: connected yet? (ends sp on failure)"""
+        dst = sp._dst
+        try:
+            dst.sock.getpeername()
+        except OSError:
+            err = dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                exc = OSError(err, f"{errno.errorcode.get(err, err)}: connect failed: {dst.label}")
+                self._end(sp, EndReason.ERROR, exc, drop=True)
+            return False
+        dst.connecting = False
+        return True
+
+    def _to_copy(self, sp: Splice, why: BaseException) -> None:
+        """Switch a splice to the copy path for good (nothing is pending)."""
+        log.warning("splicepool: %r falls back to the copy path: %s", sp, why)
+        sp._mover.release()
+        sp._mover = CopyMover(self._copy_buffer())
+        self.zero_copy -= 1
+        self.copy += 1
+
+    # -- ending ------------------------------------------------------------------
+    def _end(self, sp: Splice, reason: EndReason, error: OSError | None, drop: bool = False) -> int:
+        """End a live splice (FreeBSD's EXCEPTION or CLOSING, then so_unsplice).
+
+        The source is released at once (it may be spliced again); the splice is done
+        once its pipe leftover has reached the drain, or has been dropped.
+        """
+        sp.reason = reason
+        sp.error = error
+        if reason is EndReason.UNSPLICED or reason is EndReason.POOL_CLOSED:
+            sp._set_state(S.CLOSING)
+        else:
+            sp._set_state(S.EXCEPTION)
+        sp._finishing = True
+        self._drop_role(sp._src.fd, 0, sp)
+        self.pool._source_ended(sp)
+        mover = sp._mover
+        if drop and mover is not None:
+            sp.dropped += mover.drop()
+        if mover is not None and mover.pending:
+            self._flush(sp)
+        else:
+            self._finish(sp)
+        return _ENDED
+
+    def _flush(self, sp: Splice) -> None:
+        """Deliver an ended splice's leftover; finish once it is gone."""
+        mover = sp._mover
+        try:
+            moved = mover.push(sp._dst)
+        except BlockingIOError:
+            moved = 0
+        except OSError as exc:
+            if sp.error is None:
+                sp.error = _side_error(exc, sp._dst.label)
+            sp.dropped += mover.drop()
+            moved = 0
+        if moved:
+            sp.transferred += moved
+            self.bytes += moved
+            sp._last_move = _native.monotonic()
+        if mover.pending:
+            self._wait_for(sp, drain=True)  # its idle timer, if any, still runs
+        else:
+            self._finish(sp)
+
+    def _finish(self, sp: Splice) -> None:
+        """Release everything of an ended splice and wake its waiters."""
+        if sp.state is S.CLOSED:
+            return
+        mover = sp._mover
+        if mover is not None:
+            if mover.pending:
+                sp.dropped += mover.drop()
+            mover.release()
+        self._drop_role(sp._src.fd, 0, sp)
+        self._drop_role(sp._dst.fd, 1, sp)
+        self.splices.discard(sp)
+        self.pool._splice_done(sp)
+        sp._signal_done()
+
+    def _abandon(self, sp: Splice, reason: EndReason, error: OSError | None) -> None:
+        """End a splice now, whatever its state: leftover dropped (pool close, crash)."""
+        if sp.state is S.CLOSED:
+            return
+        if sp.state in LIVE_STATES:
+            if sp.state is S.INIT:
+                sp.reason, sp.error = reason, error
+                self.pool._source_ended(sp)
+            else:
+                self._end(sp, reason, error, drop=True)
+                return
+        self.splices.add(sp)
+        self._finish(sp)

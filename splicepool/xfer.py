@@ -1,0 +1,215 @@
+"""Moving bytes: the zero-copy path (``os.splice`` through a pipe) and the copy path.
+
+Both movers keep one contract, which the worker's xfer pass relies on:
+
+* ``pull(src, n)`` takes at most ``n`` bytes from the source into the mover
+  and returns how many (0 means EOF). It raises ``BlockingIOError`` when the
+  source has nothing, or another ``OSError``. It is only called when
+  ``pending`` is 0.
+* ``push(dst)`` hands what the mover holds to the drain and returns how many
+  bytes the drain accepted (``BlockingIOError`` when it accepted none).
+* ``pending`` is what was pulled and not yet accepted by the drain: the
+  leftover. ``drop()`` discards it (the drain is gone) and returns its size.
+* ``release()`` gives back per-splice resources once ``pending`` is 0: an
+  idle splice holds no pipe.
+
+``src`` and ``dst`` are the pool's endpoints: ``.fd`` for os.splice, ``.sock``
+(a non-blocking ``_socket.socket``) for the copy path.
+
+A splice chooses its mover once; it changes only from zero-copy to copy, and
+only when nothing is pending (a socket ``os.splice`` refuses, or no pipe can
+be had because the process is out of fds).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+from typing import Any
+
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Python >= 3.10 names it, on Linux only)
+_F_GETPIPE_SZ = 1032
+
+HAVE_SPLICE = sys.platform.startswith("linux") and hasattr(os, "splice")
+
+# Errors that mean "this fd cannot take part in splice(2)", not "the connection failed".
+_NOT_SPLICEABLE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
+# Errors that mean "no pipe now": the copy path still works.
+_NO_PIPE = {errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+_MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+
+
+class NotSpliceable(Exception):
+    """os.splice refused these fds; the splice must switch to the copy path."""
+
+
+class Pipe:
+    """A non-blocking pipe used as the in-kernel buffer of one splice at a time."""
+
+    __slots__ = ("r", "w", "capacity")
+
+    def __init__(self, size: int) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            import fcntl
+
+            try:
+                fcntl.fcntl(self.w, _F_SETPIPE_SZ, size)
+            except OSError:
+                pass  # over /proc/sys/fs/pipe-max-size or the per-user quota: keep the default
+            self.capacity = fcntl.fcntl(self.w, _F_GETPIPE_SZ)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class PipePool:
+    """A worker's free list of empty pipes, so idle splices hold none."""
+
+    def __init__(self, size: int, keep: int = 8) -> None:
+        self.size = size
+        self.keep = keep
+        self._free: list[Pipe] = []
+        self.created = 0
+
+    def acquire(self) -> Pipe:
+        if self._free:
+            return self._free.pop()
+        pipe = Pipe(self.size)
+        self.created += 1
+        return pipe
+
+    def release(self, pipe: Pipe) -> None:
+        if len(self._free) < self.keep:
+            self._free.append(pipe)
+        else:
+            pipe.close()
+
+    @property
+    def idle(self) -> int:
+        return len(self._free)
+
+    def close(self) -> None:
+        while self._free:
+            self._free.pop().close()
+
+
+class ZeroCopyMover:
+    """socket -> pipe -> socket with os.splice: the payload never enters Python."""
+
+    zero_copy = True
+    __slots__ = ("_pipes", "_pipe", "pending")
+
+    def __init__(self, pipes: PipePool) -> None:
+        self._pipes = pipes
+        self._pipe: Pipe | None = None
+        self.pending = 0
+
+    def capacity(self) -> int:
+        pipe = self._pipe
+        return pipe.capacity if pipe is not None else self._pipes.size
+
+    def pull(self, src: Any, n: int) -> int:
+        pipe = self._pipe
+        if pipe is None:
+            try:
+                pipe = self._pipe = self._pipes.acquire()
+            except OSError as exc:
+                if exc.errno in _NO_PIPE:
+                    raise NotSpliceable(exc) from exc
+                raise
+        try:
+            got = os.splice(src.fd, pipe.w, n, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            if exc.errno in _NOT_SPLICEABLE:
+                raise NotSpliceable(exc) from exc
+            raise
+        self.pending = got
+        return got
+
+    def push(self, dst: Any) -> int:
+        pipe = self._pipe
+        assert pipe is not None
+        sent = os.splice(pipe.r, dst.fd, self.pending, flags=_SPLICE_FLAGS)
+        self.pending -= sent
+        return sent
+
+    def drop(self) -> int:
+        lost = self.pending
+        if self._pipe is not None and lost:
+            # The bytes cannot go back to the source: close the pipe and with it the bytes.
+            self._pipe.close()
+            self._pipe = None
+        self.pending = 0
+        return lost
+
+    def release(self) -> None:
+        pipe = self._pipe
+        if pipe is not None and not self.pending:
+            self._pipe = None
+            self._pipes.release(pipe)
+
+
+class CopyMover:
+    """recv_into a buffer shared by the worker's splices, then send; a leftover is kept per splice."""
+
+    zero_copy = False
+    __slots__ = ("_buf", "_left", "pending")
+
+    def __init__(self, buf: memoryview) -> None:
+        self._buf = buf
+        self._left: bytes = b""
+        self.pending = 0
+
+    def capacity(self) -> int:
+        return len(self._buf)
+
+    def pull(self, src: Any, n: int) -> int:
+        buf = self._buf
+        got = src.sock.recv_into(buf, min(n, len(buf)))
+        if got:
+            self._left = buf[:got]  # a view until push decides; copied if a leftover remains
+            self.pending = got
+        return got
+
+    def push(self, dst: Any) -> int:
+        left = self._left
+        try:
+            sent = dst.sock.send(left, _MSG_NOSIGNAL)
+        except BaseException:
+            self._keep(left, 0)
+            raise
+        self._keep(left, sent)
+        return sent
+
+    def _keep(self, left: Any, sent: int) -> None:
+        rest = len(left) - sent
+        if rest <= 0:
+            self._left = b""
+        elif isinstance(left, memoryview):
+            self._left = bytes(left[sent:])  # the shared buffer is about to be reused
+        else:
+            self._left = left[sent:]
+        self.pending = max(rest, 0)
+
+    def drop(self) -> int:
+        lost = self.pending
+        self._left = b""
+        self.pending = 0
+        return lost
+
+    def release(self) -> None:
+        pass
+

@@ -1,0 +1,110 @@
+"""Shared fixtures: real loopback sockets, a pool that is always closed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+
+import splicepool
+
+
+def tcp_pair(family: int = socket.AF_INET) -> tuple[socket.socket, socket.socket]:
+    """Return (client, server): the two ends of one TCP connection on loopback."""
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    with socket.socket(family, socket.SOCK_STREAM) as lsock:
+        lsock.bind((host, 0))
+        lsock.listen(1)
+        client = socket.create_connection(lsock.getsockname()[:2])
+        server, _ = lsock.accept()
+    return client, server
+
+
+class Link:
+    """A proxy-shaped fixture: ``peer_src`` writes into ``src``, ``dst`` sends to ``peer_dst``.
+
+    Splicing ``src`` to ``dst`` makes bytes sent on ``peer_src`` arrive on ``peer_dst``.
+    """
+
+    def __init__(self, family: int = socket.AF_INET) -> None:
+        self.peer_src, self.src = tcp_pair(family)
+        self.dst, self.peer_dst = tcp_pair(family)
+
+    def sockets(self) -> list[socket.socket]:
+        return [self.peer_src, self.src, self.dst, self.peer_dst]
+
+    def close(self) -> None:
+        for s in self.sockets():
+            s.close()
+
+
+def recv_exact(sock: socket.socket, n: int, timeout: float = 10.0) -> bytes:
+    """Read exactly n bytes or fail (EOF or timeout raise)."""
+    sock.settimeout(timeout)
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError(f"EOF after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_until_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    sock.settimeout(timeout)
+    buf = bytearray()
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+
+
+def recv_available(sock: socket.socket, wait: float = 0.2) -> bytes:
+    """Read whatever arrives until the socket stays quiet for ``wait`` seconds."""
+    sock.settimeout(wait)
+    buf = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except (TimeoutError, BlockingIOError):
+            return bytes(buf)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+
+
+def send_in_thread(sock: socket.socket, data: bytes, *, shut: bool = False) -> threading.Thread:
+    def run() -> None:
+        sock.settimeout(30)
+        sock.sendall(data)
+        if shut:
+            sock.shutdown(socket.SHUT_WR)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.fixture
+def pool():
+    p = splicepool.SplicePool(workers=2)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def link():
+    ln = Link()
+    yield ln
+    ln.close()
