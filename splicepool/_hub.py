@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import select
 import selectors
+from collections.abc import Callable
 from typing import Any
 
 from . import _native
@@ -165,3 +166,11 @@ class SelectorHub:
 
 def default_hub() -> EpollHub | SelectorHub:
     return EpollHub() if _native.epoll is not None else SelectorHub()
+
+
+#: Names accepted by ``SplicePool(hub=...)``.
+HUBS: dict[str, Callable[[], EpollHub | SelectorHub]] = {
+    "auto": default_hub,
+    "epoll": EpollHub,
+    "selector": SelectorHub,
+}

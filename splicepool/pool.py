@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from . import _checks, _native
+from . import _checks, _hub, _native
 from ._checks import SockInfo, oserror
 from .splice import LIVE_STATES, EndReason, Splice
 from .worker import Worker
@@ -102,6 +102,9 @@ class SplicePool:
     splice assigned to each. ``zero_copy=None`` uses ``os.splice`` where the
     platform has it, ``False`` forces the copy path. ``pipe_size`` sizes each
     splice's pipe (``F_SETPIPE_SZ``); ``copy_size`` the copy path's buffer.
+    ``hub`` picks what workers sleep on: ``"epoll"`` (edge-triggered, Linux),
+    ``"selector"`` (level-triggered ``selectors.DefaultSelector``, what other
+    systems get) or ``"auto"`` (epoll where there is one).
     A context manager: leaving the block calls ``close()``.
     """
 
@@ -113,6 +116,7 @@ class SplicePool:
         pipe_size: int = 1 << 20,
         zero_copy: bool | None = None,
         copy_size: int = 256 * 1024,
+        hub: str = "auto",
     ) -> None:
         if workers is None:
             workers = os.cpu_count() or 1
@@ -127,11 +131,14 @@ class SplicePool:
                 raise TypeError(f"{name} must be an int, not {type(value).__name__}")
             if value < 4096:
                 raise ValueError(f"{name} must be at least 4096 bytes, not {value}")
+        if hub not in _hub.HUBS:
+            raise ValueError(f"unknown hub {hub!r}: expected one of {sorted(_hub.HUBS)}")
         if zero_copy and not HAVE_SPLICE:
             raise ValueError("zero_copy=True needs os.splice (Linux, Python >= 3.10)")
         self.backend = backend
         self._zero_copy = HAVE_SPLICE if zero_copy is None else bool(zero_copy)
         self._pipe_size = pipe_size
+        self._hub = _hub.HUBS[hub]
         self._copy_size = copy_size
         self._lock = _native.allocate_lock()
         self._workers: list[Worker | None] = [None] * workers
@@ -278,7 +285,7 @@ class SplicePool:
     def _worker(self, index: int) -> Worker:
         worker = self._workers[index]
         if worker is None or not worker.accepting:
-            worker = Worker(self, index)
+            worker = Worker(self, index, self._hub())
             try:
                 worker.start()
             except BaseException:
@@ -391,7 +398,8 @@ class SplicePool:
 
         Data not yet moved stays in the sources; pipe leftovers get ``grace``
         seconds to reach their drains. Joins the workers and leaves no thread or
-        fd behind. Idempotent.
+        fd behind. Idempotent. Called from a done callback (a worker thread) it
+        signals the workers and returns without joining them.
         """
         with self._lock:
             already = self._closed
@@ -401,9 +409,10 @@ class SplicePool:
                 if worker.accepting and not already:
                     worker.post(("close", grace))
         me = _native.get_ident()
+        if any(worker.thread_id == me for worker in workers):
+            return  # from a done callback: joining could wait on a worker joining us
         for worker in workers:
-            if worker.thread_id != me:
-                worker.join()
+            worker.join()
 
     def stats(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot: live splices, bytes moved, and per-worker counters."""

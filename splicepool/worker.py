@@ -55,10 +55,10 @@ def _side_error(exc: OSError, label: str) -> OSError:
 class Worker:
     """A worker thread (or, for other backends, the same logic driven differently)."""
 
-    def __init__(self, pool: SplicePool, index: int, hub: Any = None) -> None:
+    def __init__(self, pool: SplicePool, index: int, hub: Any) -> None:
         self.pool = pool
         self.index = index
-        self.hub = hub if hub is not None else _hub.default_hub()
+        self.hub = hub
         self.pipes = PipePool(pool._pipe_size)
         self.budget = max(pool._pipe_size, 256 * 1024) * 2  # bytes per pass, then requeue
         self._copybuf: memoryview | None = None
