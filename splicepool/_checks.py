@@ -114,6 +114,21 @@ def socket_key(fd: int) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
 
 
+def wrap(fd: int) -> Any:
+    """A ``_socket.socket`` on ``fd`` (the C type: never monkey-patched) that leaves its mode alone.
+
+    With ``socket.setdefaulttimeout()`` in force, creating a socket object from
+    an fd makes it non-blocking; a check must change nothing, so undo that.
+    """
+    if socket.getdefaulttimeout() is None:
+        return _socket.socket(fileno=fd)
+    blocking = os.get_blocking(fd)
+    s = _socket.socket(fileno=fd)
+    if blocking:
+        os.set_blocking(fd, True)
+    return s
+
+
 def probe(obj: Any, fd: int, role: str) -> SockInfo:
     """Inspect ``fd``; raise EBADF if it is not open, ENOTSOCK if it is not a socket."""
     try:
@@ -121,7 +136,7 @@ def probe(obj: Any, fd: int, role: str) -> SockInfo:
     except OSError as exc:
         raise oserror(errno.EBADF, f"{role} fd {fd} is not an open file descriptor") from exc
     try:
-        s = _socket.socket(fileno=fd)
+        s = wrap(fd)
     except OSError as exc:
         if exc.errno == errno.EBADF:
             raise oserror(errno.EBADF, f"{role} fd {fd} is not an open file descriptor") from exc

@@ -8,7 +8,6 @@ the splice to it. The workers do everything else.
 
 from __future__ import annotations
 
-import _socket
 import errno
 import os
 import sys
@@ -63,7 +62,7 @@ class Endpoint:
         self.sndbuf = 0
         self.sndbuf_age = 1 << 30  # read SO_SNDBUF on the first pass
         self.was_blocking = os.get_blocking(fd)
-        self.sock = _socket.socket(fileno=fd)
+        self.sock = _checks.wrap(fd)
         try:
             self.sock.setblocking(False)
         except BaseException:
@@ -300,9 +299,11 @@ class SplicePool:
 
         Returns once the worker has finished any chunk in flight; nothing more is
         taken from the source. Raises ``OSError`` EINVAL for a listening socket,
-        ENOTCONN if ``src`` is not a spliced source.
+        ENOTCONN if ``src`` is not a spliced source, ``RuntimeError`` if the pool
+        is closed.
         """
         src_fd = _checks.fileno_of(src, "source")
+        self._check_open()
         info = _checks.probe(src, src_fd, "source")
         if info.listening:
             raise oserror(errno.EINVAL, f"{info.label} is listening: nothing to unsplice")
@@ -316,6 +317,7 @@ class SplicePool:
     def _unsplice_splice(self, sp: Splice) -> None:
         ack = _native.Event()
         with self._lock:
+            self._check_open()
             if self._sources.get(sp._src.key) is not sp:
                 raise oserror(errno.ENOTCONN, f"{sp._src.label} is not spliced (as a source)")
             worker = self._workers[sp.worker]

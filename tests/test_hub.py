@@ -1,0 +1,95 @@
+"""The hubs workers sleep on: edge-triggered epoll and the portable selectors hub."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+import pytest
+from conftest import tcp_pair
+
+from splicepool import _hub
+
+HUBS = [pytest.param(_hub.SelectorHub, id="selector")]
+if _hub._native.epoll is not None:
+    HUBS.insert(0, pytest.param(_hub.EpollHub, id="epoll"))
+
+
+@pytest.fixture(params=HUBS)
+def hub(request):
+    h = request.param()
+    yield h
+    h.close()
+
+
+def _flags_for(events, fd: int) -> int:
+    return sum(f for got, f in events if got == fd)
+
+
+def test_readable_source_is_reported(hub):
+    a, b = tcp_pair()
+    try:
+        b.setblocking(False)
+        hub.add(b.fileno())
+        hub.interest(b.fileno(), read=True, write=False)
+        assert _flags_for(hub.poll(0.05), b.fileno()) & _hub.READ == 0
+        a.sendall(b"x")
+        assert _flags_for(hub.poll(2.0), b.fileno()) & _hub.READ
+    finally:
+        hub.remove(b.fileno())
+        a.close()
+        b.close()
+
+
+def test_write_interest_reports_a_writable_socket(hub):
+    a, b = tcp_pair()
+    try:
+        hub.add(a.fileno())
+        hub.interest(a.fileno(), read=False, write=True)
+        assert _flags_for(hub.poll(2.0), a.fileno()) & _hub.WRITE
+    finally:
+        hub.remove(a.fileno())
+        a.close()
+        b.close()
+
+
+def test_a_reset_is_reported_as_error(hub):
+    a, b = tcp_pair()
+    try:
+        hub.add(b.fileno())
+        hub.interest(b.fileno(), read=True, write=False)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        a.close()
+        flags = _flags_for(hub.poll(2.0), b.fileno())
+        assert flags & _hub.READ
+        if isinstance(hub, _hub.EpollHub):
+            assert flags & _hub.ERROR
+    finally:
+        hub.remove(b.fileno())
+        b.close()
+
+
+def test_wake_from_another_thread_ends_a_sleeping_poll(hub):
+    threading.Timer(0.1, hub.wake).start()
+    start = time.monotonic()
+    assert hub.poll(None) == []
+    assert time.monotonic() - start < 5
+    hub.wake()
+    hub.wake()  # coalesced: one wakeup, then quiet
+    assert hub.poll(1.0) == []
+    assert hub.poll(0.05) == []
+
+
+def test_removed_fd_is_not_reported(hub):
+    a, b = tcp_pair()
+    try:
+        hub.add(b.fileno())
+        hub.interest(b.fileno(), read=True, write=False)
+        hub.remove(b.fileno())
+        a.sendall(b"x")
+        assert _flags_for(hub.poll(0.1), b.fileno()) == 0
+    finally:
+        a.close()
+        b.close()
