@@ -78,8 +78,11 @@ def start_thread(fn: Any) -> Any:
     started.acquire()
 
     def run() -> None:
-        # Released by the interpreter once this thread's state is gone, as threading does.
-        box.append(_set_sentinel())
+        # Held by this thread and released by the interpreter once its state is gone,
+        # as threading.Thread does.
+        sentinel = _set_sentinel()
+        sentinel.acquire()
+        box.append(sentinel)
         started.release()
         fn()
 
