@@ -11,6 +11,7 @@ later ``patch_all()`` replaces module attributes, not the objects captured here.
 from __future__ import annotations
 
 import _thread
+import os
 import select
 import sys
 import time
@@ -31,6 +32,8 @@ start_new_thread = _original("_thread", "start_new_thread", _thread.start_new_th
 allocate_lock = _original("_thread", "allocate_lock", _thread.allocate_lock)
 get_ident = _original("_thread", "get_ident", _thread.get_ident)
 monotonic = _original("time", "monotonic", time.monotonic)
+sleep = _original("time", "sleep", time.sleep)
+get_native_id = _original("_thread", "get_native_id", _thread.get_native_id)
 _start_joinable = getattr(_thread, "start_joinable_thread", None)  # Python >= 3.13
 if _start_joinable is not None:
     _start_joinable = _original("_thread", "start_joinable_thread", _start_joinable)
@@ -83,15 +86,22 @@ def start_thread(fn: Any) -> Any:
         sentinel = _set_sentinel()
         sentinel.acquire()
         box.append(sentinel)
+        box.append(get_native_id())
         started.release()
         fn()
 
     start_new_thread(run, ())
     started.acquire()
-    sentinel = box[0]
+    sentinel, tid = box
+    task = f"/proc/self/task/{tid}"
 
     def join() -> None:
         sentinel.acquire()
         sentinel.release()
+        # The interpreter is done with the thread; the OS thread exits a moment
+        # later. Where /proc shows it, wait for that too (at most a second).
+        deadline = monotonic() + 1.0
+        while os.path.exists(task) and monotonic() < deadline:
+            sleep(0.0005)
 
     return join
