@@ -49,7 +49,7 @@ def _one_round(pool: SplicePool, links: list[Link], i: int) -> None:
             sp = pool.splice(ln.src, ln.dst)
             expected.append((EndReason.UNSPLICED, None))
         splices.append(sp)
-    for k, (sp, (reason, data)) in enumerate(zip(splices, expected)):
+    for k, (sp, (reason, data)) in enumerate(zip(splices, expected, strict=True)):
         ln = links[k]
         if reason is EndReason.UNSPLICED:
             got = recv_exact(ln.peer_dst, 1, timeout=10)  # let it move something first
