@@ -4,7 +4,8 @@
 
 The sender and the receiver run in a child process (``--role ends``), so the
 measuring process holds only the splice: ``strace -f -c`` on it counts the
-syscalls of the pool alone. Prints MiB/s and the pool's pass/wakeup counts.
+syscalls of the pool alone. Prints MiB/s, the CPU seconds per GiB the splicing
+process spent (all its threads), and the pool's pass/wakeup counts.
 """
 
 from __future__ import annotations
@@ -109,8 +110,10 @@ def main() -> None:
     dst = socket.create_connection(("127.0.0.1", sink_port))
     tracer = start_strace() if args.strace else None
     with splicepool.SplicePool(workers=1, zero_copy=False if args.copy else None, pipe_size=args.pipe_size) as pool:
+        cpu = time.process_time()
         sp = pool.splice(src, dst)
         reason = sp.wait(120)
+        cpu = time.process_time() - cpu
         stats = pool.stats()["workers"][0]
     if tracer is not None:
         report_strace(*tracer, sp.transferred)
@@ -119,7 +122,8 @@ def main() -> None:
     mib_s = result["bytes"] / result["seconds"] / 2**20
     print(
         f"{'copy' if args.copy else 'zero-copy'} pipe={args.pipe_size}: {result['bytes'] >> 20} MiB in "
-        f"{result['seconds']:.2f} s = {mib_s:.0f} MiB/s; reason={reason.name} passes={stats['passes']} "
+        f"{result['seconds']:.2f} s = {mib_s:.0f} MiB/s; splicing CPU {cpu / (result['bytes'] / 2**30):.3f} s/GiB; "
+        f"reason={reason.name} passes={stats['passes']} "
         f"wakeups={stats['wakeups']} transferred={sp.transferred}"
     )
 
