@@ -52,11 +52,15 @@ class _Waker:
                 pass
 
     def consume(self) -> None:
-        self.pending = False
+        # Read first, then clear: a wake() between the two either saw pending set
+        # (its message is older than this and will be processed now) or wrote again
+        # (the next poll returns at once). Clearing first could leave pending set
+        # with nothing to read, and every later wake() would be skipped.
         try:
             os.read(self.rfd, 4096)
         except BlockingIOError:
             pass
+        self.pending = False
 
     def close(self) -> None:
         os.close(self.rfd)

@@ -93,3 +93,36 @@ def test_removed_fd_is_not_reported(hub):
     finally:
         a.close()
         b.close()
+
+
+def test_no_wakeup_is_lost_when_wake_races_with_consume(hub):
+    """Many threads wake the hub while it consumes: every wake() after a consume is seen."""
+    stop = threading.Event()
+    posted = [0]
+    seen = [0]
+
+    def poster():
+        while not stop.is_set():
+            posted[0] += 1
+            hub.wake()
+            time.sleep(0)
+
+    threads = [threading.Thread(target=poster) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            hub.poll(1.0)
+            seen[0] += 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    # Quiet now; one more wake must end a sleeping poll at once.
+    hub.poll(0)
+    threading.Timer(0.05, hub.wake).start()
+    start = time.monotonic()
+    hub.poll(5.0)
+    assert time.monotonic() - start < 2.0, "a wake() was lost"
+    assert seen[0] > 1 and posted[0] > 1
