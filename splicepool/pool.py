@@ -179,8 +179,9 @@ class SplicePool:
     ) -> Splice:
         """Splice ``src`` into ``dst``; return the running ``Splice``.
 
-        Returns once the splice is set up and queued on its worker; data already
-        in the source moves at once. ``dst`` negative unsplices ``src`` (and
+        Returns once its worker has set the splice up and run its first pass, so
+        data already in the source has started moving (at most one pass of
+        another splice delays that). ``dst`` negative unsplices ``src`` (and
         returns that splice). Raises ``OSError`` with FreeBSD's errno for a bad
         request (SPEC section 3), ``TypeError`` for bad types, ``RuntimeError``
         if the pool is closed; a failed call changes nothing.
@@ -209,7 +210,9 @@ class SplicePool:
                 raise oserror(
                     errno.EBUSY, f"{dst_info.label} is already the drain of {busy._src.label}"
                 )
-            sp = self._create(src, src_info, dst, dst_info, max, idle, close)
+            sp, ack = self._create(src, src_info, dst, dst_info, max, idle, close)
+        if ack is not None:
+            ack.wait()
         if close:
             for obj in (src, dst):
                 if not isinstance(obj, int) and hasattr(obj, "detach"):
@@ -225,8 +228,13 @@ class SplicePool:
         max: int,
         idle: float | None,
         close: bool,
-    ) -> Splice:
-        """Take the endpoints, pick a worker, register and queue the splice (lock held)."""
+    ) -> tuple[Splice, _native.Event | None]:
+        """Take the endpoints, pick a worker, register the splice and hand it over (lock held).
+
+        Returns the splice and the event its worker sets once the splice is set up
+        and its first pass has run; None when called from a worker thread (a done
+        callback), which must not wait for a worker.
+        """
         taken: list[Endpoint] = []
         try:
             src_ep = self._take_endpoint(src_info, close)
@@ -251,8 +259,11 @@ class SplicePool:
         self._sources[src_info.key] = sp
         self._drains[dst_info.key] = sp
         self._records.pop(src_info.key, None)
-        worker.post(("add", sp))
-        return sp
+        me = _native.get_ident()
+        on_worker = any(w is not None and w.thread_id == me for w in self._workers)
+        ack = None if on_worker else _native.Event()
+        worker.post(("add", sp, ack))
+        return sp, ack
 
     def _take_endpoint(self, info: SockInfo, close: bool) -> Endpoint:
         ep = self._endpoints.get(info.key)

@@ -108,6 +108,8 @@ class Worker:
         for msg in self.control:  # nothing posts after accepting is cleared
             if msg[0] == "add":
                 self._abandon(msg[1], EndReason.POOL_CLOSED, None)
+                if msg[2] is not None:
+                    msg[2].set()
             elif msg[0] == "unsplice":
                 msg[2].set()
         self.control.clear()
@@ -147,6 +149,8 @@ class Worker:
             if timers and timers[0][0] <= monotonic():
                 self._expire_timers(monotonic())
             for _ in range(len(ready)):
+                if control:  # a caller waits in pool.splice() or unsplice(): at most one pass
+                    self._process_control()
                 sp = ready.popleft()
                 sp._queued = False
                 self._xfer(sp)
@@ -189,7 +193,11 @@ class Worker:
             msg = control.popleft()
             kind = msg[0]
             if kind == "add":
-                self._add(msg[1])
+                try:
+                    self._add(msg[1])
+                finally:
+                    if msg[2] is not None:
+                        msg[2].set()  # pool.splice() returns: set up, first pass done
             elif kind == "unsplice":
                 sp, ack = msg[1], msg[2]
                 if sp.state in LIVE_STATES:
@@ -215,13 +223,14 @@ class Worker:
             self.zero_copy += 1
         else:
             self.copy += 1
-        sp._set_state(S.QUEUED)  # the first pass moves what the source already holds
-        sp._queued = True
-        self.ready.append(sp)
         now = _native.monotonic()
         sp._last_move = now
         if sp.idle:
             heapq.heappush(self.timers, (now + sp.idle, next(self._seq), sp))
+        # The first pass runs now, before pool.splice() returns: data already in the
+        # source moves at once, as both kernels move it inside setsockopt().
+        sp._set_state(S.QUEUED)
+        self._xfer(sp)
 
     def _new_mover(self) -> ZeroCopyMover | CopyMover:
         if self.pool._zero_copy:

@@ -72,10 +72,12 @@ def test_a_reset_is_reported_as_error(hub):
 
 
 def test_wake_from_another_thread_ends_a_sleeping_poll(hub):
-    threading.Timer(0.1, hub.wake).start()
+    timer = threading.Timer(0.1, hub.wake)
+    timer.start()
     start = time.monotonic()
     assert hub.poll(None) == []
     assert time.monotonic() - start < 5
+    timer.join()
     hub.wake()
     hub.wake()  # coalesced: one wakeup, then quiet
     assert hub.poll(1.0) == []
@@ -121,8 +123,10 @@ def test_no_wakeup_is_lost_when_wake_races_with_consume(hub):
             t.join()
     # Quiet now; one more wake must end a sleeping poll at once.
     hub.poll(0)
-    threading.Timer(0.05, hub.wake).start()
+    timer = threading.Timer(0.05, hub.wake)
+    timer.start()
     start = time.monotonic()
     hub.poll(5.0)
     assert time.monotonic() - start < 2.0, "a wake() was lost"
+    timer.join()
     assert seen[0] > 1 and posted[0] > 1

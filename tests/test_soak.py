@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import threading
+import time
 
 import pytest
 from conftest import Link, fd_count, recv_exact, thread_count
@@ -22,6 +24,14 @@ def _rss_kib() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def _settled_threads() -> int:
+    """OS threads once every thread threading does not know about (pool workers) has gone."""
+    deadline = time.monotonic() + 2.0
+    while thread_count() != threading.active_count() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return thread_count()
 
 
 def _one_round(pool: SplicePool, links: list[Link], i: int) -> None:
@@ -70,7 +80,7 @@ def _one_round(pool: SplicePool, links: list[Link], i: int) -> None:
 
 
 def _soak(total: int, batch: int = 64) -> dict[str, int]:
-    before = {"fds": fd_count(), "threads": thread_count(), "rss_kib": _rss_kib()}
+    before = {"fds": fd_count(), "threads": _settled_threads(), "rss_kib": _rss_kib()}
     done = 0
     with SplicePool(workers=2) as pool:
         while done < total:
@@ -84,7 +94,7 @@ def _soak(total: int, batch: int = 64) -> dict[str, int]:
         stats = pool.stats()
         assert stats["live"] == 0
         assert len(pool._records) <= 2 * 1024 + batch  # ended counters of closed sockets are pruned
-    after = {"fds": fd_count(), "threads": thread_count(), "rss_kib": _rss_kib()}
+    after = {"fds": fd_count(), "threads": thread_count(), "rss_kib": _rss_kib()}  # close() joined
     assert after["fds"] == before["fds"], (before, after)
     assert after["threads"] == before["threads"], (before, after)
     return {"splices": done, **{f"{k}_before": v for k, v in before.items()},
