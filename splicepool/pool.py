@@ -87,6 +87,13 @@ class Endpoint:
             _close(self.fd)
 
 
+def _detach(*objs: Any) -> None:
+    """The pool owns these sockets now: make their objects forget the fds."""
+    for obj in objs:
+        if not isinstance(obj, int) and hasattr(obj, "detach"):
+            obj.detach()
+
+
 def _close(fd: int) -> None:
     try:
         os.close(fd)
@@ -200,54 +207,54 @@ class SplicePool:
         _checks.check_spliceable(dst_info)
         with self._lock:
             self._check_open()
-            _checks.check_endpoint(src_info, accept_connecting=True)
-            busy = self._sources.get(src_info.key)
-            if busy is not None:
-                raise oserror(errno.EBUSY, f"{src_info.label} is already spliced (to {busy._dst.label})")
-            _checks.check_endpoint(dst_info, accept_connecting=True)
-            busy = self._drains.get(dst_info.key)
-            if busy is not None:
-                raise oserror(
-                    errno.EBUSY, f"{dst_info.label} is already the drain of {busy._src.label}"
-                )
-            sp, ack = self._create(src, src_info, dst, dst_info, max, idle, close)
+            self._check_free(src_info, dst_info)
+            plan = self._prepare(src, src_info, dst, dst_info, close)
+            sp = self._commit(plan, max, idle)
+            ack = self._post(sp)
         if ack is not None:
             ack.wait()
         if close:
-            for obj in (src, dst):
-                if not isinstance(obj, int) and hasattr(obj, "detach"):
-                    obj.detach()
+            _detach(src, dst)
         return sp
 
-    def _create(
-        self,
-        src: Any,
-        src_info: SockInfo,
-        dst: Any,
-        dst_info: SockInfo,
-        max: int,
-        idle: float | None,
-        close: bool,
-    ) -> tuple[Splice, _native.Event | None]:
-        """Take the endpoints, pick a worker, register the splice and hand it over (lock held).
+    def _check_free(self, src_info: SockInfo, dst_info: SockInfo) -> None:
+        """The checks that depend on the sockets' state and the pool's (lock held)."""
+        _checks.check_endpoint(src_info, accept_connecting=True)
+        busy = self._sources.get(src_info.key)
+        if busy is not None:
+            raise oserror(errno.EBUSY, f"{src_info.label} is already spliced (to {busy._dst.label})")
+        _checks.check_endpoint(dst_info, accept_connecting=True)
+        busy = self._drains.get(dst_info.key)
+        if busy is not None:
+            raise oserror(errno.EBUSY, f"{dst_info.label} is already the drain of {busy._src.label}")
 
-        Returns the splice and the event its worker sets once the splice is set up
-        and its first pass has run; None when called from a worker thread (a done
-        callback), which must not wait for a worker.
+    def _prepare(
+        self, src: Any, src_info: SockInfo, dst: Any, dst_info: SockInfo, close: bool
+    ) -> tuple[Any, ...]:
+        """Everything that can fail: the endpoints (dups) and the worker (lock held).
+
+        ``_undo`` gives it all back; ``_commit`` cannot fail.
         """
         taken: list[Endpoint] = []
         try:
-            src_ep = self._take_endpoint(src_info, close)
-            taken.append(src_ep)
-            dst_ep = self._take_endpoint(dst_info, close)
-            taken.append(dst_ep)
+            taken.append(self._take_endpoint(src_info, close))
+            taken.append(self._take_endpoint(dst_info, close))
             index = self._next
-            worker = self._worker(index)
+            self._worker(index)
         except BaseException:
             for ep in taken:
                 self._put_endpoint(ep)
             raise
         self._next = (index + 1) % len(self._workers)
+        return (src, src_info, dst, dst_info, close, taken[0], taken[1], index)
+
+    def _undo(self, plan: tuple[Any, ...]) -> None:
+        self._put_endpoint(plan[5])
+        self._put_endpoint(plan[6])
+
+    def _commit(self, plan: tuple[Any, ...], max: int, idle: float | None) -> Splice:
+        """Register a prepared splice as live (lock held; cannot fail)."""
+        src, src_info, dst, dst_info, close, src_ep, dst_ep, index = plan
         if close:
             for ep, info in ((src_ep, src_info), (dst_ep, dst_info)):
                 ep.owned = True
@@ -259,11 +266,27 @@ class SplicePool:
         self._sources[src_info.key] = sp
         self._drains[dst_info.key] = sp
         self._records.pop(src_info.key, None)
-        me = _native.get_ident()
-        on_worker = any(w is not None and w.thread_id == me for w in self._workers)
-        ack = None if on_worker else _native.Event()
+        return sp
+
+    def _post(self, sp: Splice) -> _native.Event | None:
+        """Hand a committed splice to its worker (lock held).
+
+        Returns the event the worker sets once the splice is set up and its first
+        pass has run; None when called from a worker thread (a done callback),
+        which must never wait for a worker.
+        """
+        ack = None if self._on_worker_thread() else _native.Event()
+        worker = self._workers[sp.worker]
+        assert worker is not None
         worker.post(("add", sp, ack))
-        return sp, ack
+        return ack
+
+    def _on_worker_thread(self) -> Worker | None:
+        me = _native.get_ident()
+        for worker in self._workers:
+            if worker is not None and worker.thread_id == me:
+                return worker
+        return None
 
     def _take_endpoint(self, info: SockInfo, close: bool) -> Endpoint:
         ep = self._endpoints.get(info.key)
@@ -326,7 +349,11 @@ class SplicePool:
         return sp
 
     def _unsplice_splice(self, sp: Splice) -> None:
-        ack = _native.Event()
+        """End ``sp`` with UNSPLICED once its chunk in flight is done (see ``unsplice``).
+
+        From a worker thread it never waits: on the splice's own worker it acts at
+        once, on another it posts the request.
+        """
         with self._lock:
             self._check_open()
             if self._sources.get(sp._src.key) is not sp:
@@ -334,15 +361,19 @@ class SplicePool:
             worker = self._workers[sp.worker]
             if worker is None or not worker.accepting:
                 return  # its worker is exiting and ends it
-            if worker.thread_id == _native.get_ident():
-                ack = None
-            else:
+            here = self._on_worker_thread()
+            if here is None:
+                ack: _native.Event | None = _native.Event()
                 worker.post(("unsplice", sp, ack))
-        if ack is None:  # called from its own worker (a done callback): act directly
-            if sp.state in LIVE_STATES:
-                worker._end(sp, EndReason.UNSPLICED, None)
-            return
-        ack.wait()
+            elif here is not worker:
+                ack = None
+                worker.post(("unsplice", sp, None))
+            else:
+                ack = None
+        if ack is not None:
+            ack.wait()
+        elif here is worker and sp.state in LIVE_STATES:
+            worker._end(sp, EndReason.UNSPLICED, None)
 
     # -- counters ------------------------------------------------------------------
     def transferred(self, src: Any) -> int:

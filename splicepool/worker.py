@@ -110,7 +110,7 @@ class Worker:
                 self._abandon(msg[1], EndReason.POOL_CLOSED, None)
                 if msg[2] is not None:
                     msg[2].set()
-            elif msg[0] == "unsplice":
+            elif msg[0] == "unsplice" and msg[2] is not None:
                 msg[2].set()
         self.control.clear()
         for sp in list(self.splices):
@@ -202,7 +202,8 @@ class Worker:
                 sp, ack = msg[1], msg[2]
                 if sp.state in LIVE_STATES:
                     self._end(sp, EndReason.UNSPLICED, None)
-                ack.set()
+                if ack is not None:
+                    ack.set()
             elif kind == "close":
                 self._close(msg[1])
 
