@@ -16,14 +16,17 @@ from typing import Any
 
 from . import _native
 from .pool import SplicePool
+from .proxy import Proxy
 from .splice import EndReason, Splice, SpliceState
 
 __all__ = [
     "EndReason",
+    "Proxy",
     "Splice",
     "SplicePool",
     "SpliceState",
     "default_pool",
+    "proxy",
     "splice",
     "transferred",
     "unsplice",
@@ -61,6 +64,18 @@ def transferred(src: Any) -> int:
     """``default_pool().transferred(src)``: bytes moved by ``src``'s most recent splice."""
     pool = _default
     return 0 if pool is None else pool.transferred(src)
+
+
+def proxy(
+    a: Any,
+    b: Any,
+    *,
+    pool: SplicePool | None = None,
+    idle: float | None = None,
+    half_close: bool = True,
+) -> Proxy:
+    """Relay ``a`` ⇄ ``b`` on ``pool`` (default: the default pool); see ``SplicePool.proxy``."""
+    return (pool or default_pool()).proxy(a, b, idle=idle, half_close=half_close)
 
 
 @atexit.register

@@ -11,13 +11,16 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _checks, _hub, _native
 from ._checks import SockInfo, oserror
 from .splice import LIVE_STATES, EndReason, Splice
 from .worker import Worker
 from .xfer import HAVE_SPLICE
+
+if TYPE_CHECKING:
+    from .proxy import Proxy
 
 __all__ = ["SplicePool"]
 
@@ -374,6 +377,34 @@ class SplicePool:
             ack.wait()
         elif here is worker and sp.state in LIVE_STATES:
             worker._end(sp, EndReason.UNSPLICED, None)
+
+    def _abort(self, sp: Splice) -> None:
+        """End ``sp`` with UNSPLICED without waiting, from any thread; nothing if it has ended."""
+        with self._lock:
+            if self._sources.get(sp._src.key) is not sp:
+                return
+            worker = self._workers[sp.worker]
+            if worker is None or not worker.accepting:
+                return
+            if self._on_worker_thread() is not worker:
+                worker.post(("unsplice", sp, None))
+                return
+        if sp.state in LIVE_STATES:
+            worker._end(sp, EndReason.UNSPLICED, None)
+
+    def proxy(self, a: Any, b: Any, *, idle: float | None = None, half_close: bool = True) -> Proxy:
+        """Relay ``a`` ⇄ ``b``: splices a → b and b → a; return the ``Proxy``.
+
+        The pool owns both sockets from the call on and closes them once both
+        directions have ended. EOF one way shuts the other socket's write side
+        (``half_close``, default) and the reverse keeps running; with
+        ``half_close=False`` it ends both. An error, ``idle`` seconds with no
+        byte moved either way, or ``Proxy.close()`` ends both. Errors as for
+        ``splice``, checked for a → b then b → a; a failed call changes nothing.
+        """
+        from .proxy import proxy
+
+        return proxy(self, a, b, idle=idle, half_close=half_close)
 
     # -- counters ------------------------------------------------------------------
     def transferred(self, src: Any) -> int:

@@ -104,6 +104,8 @@ class Splice:
         "_last_move",
         "_finishing",
         "_user_fd",
+        "_proxy",
+        "_partner",
         "__weakref__",
     )
 
@@ -140,6 +142,8 @@ class Splice:
         self._last_move = 0.0  # monotonic time of the last pass that moved bytes
         self._finishing = False  # ended, delivering the leftover
         self._user_fd = -1  # the caller's fd number for the source (to notice it closing)
+        self._proxy: Any = None  # the Proxy this splice is a direction of
+        self._partner: Splice | None = None  # the other direction: its activity counts for idle
 
     # -- read-only views -------------------------------------------------
     @property

@@ -298,7 +298,11 @@ class Worker:
             _, _, sp = heapq.heappop(timers)
             if sp.state is S.CLOSED or not sp.idle:
                 continue
-            deadline = sp._last_move + sp.idle
+            last = sp._last_move
+            partner = sp._partner
+            if partner is not None and partner._last_move > last:
+                last = partner._last_move  # a relay is idle only when neither way moves
+            deadline = last + sp.idle
             if deadline > now:  # something moved since: re-arm (one entry per splice)
                 heapq.heappush(timers, (deadline, next(self._seq), sp))
                 continue
@@ -526,6 +530,8 @@ class Worker:
         self._drop_role(sp._src.fd, 0, sp)
         self._drop_role(sp._dst.fd, 1, sp)
         self.splices.discard(sp)
+        if sp._proxy is not None:
+            sp._proxy._direction_ending(sp)  # half-close or abort, while its sockets are open
         self.pool._splice_done(sp)
         sp._signal_done()
 

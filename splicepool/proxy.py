@@ -1,0 +1,173 @@
+"""proxy(): a bidirectional relay of two splices, with half-close forwarding.
+
+``a → b`` (``forward``) and ``b → a`` (``reverse``). When one direction reaches
+EOF, the other socket's write side is shut (``SHUT_WR``) so its peer sees the
+FIN, and the other direction keeps running. When both have ended, both sockets
+are closed. An error, an idle timeout, an unsplice or ``close()`` on either
+direction ends both. The pool owns both sockets from the call on: no
+duplicates, so a proxied connection costs its two fds (plus a pooled pipe only
+while data is in flight).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any
+
+from . import _checks, _native
+from ._checks import oserror
+from .splice import LIVE_STATES, EndReason, Splice, _run_callback
+
+if TYPE_CHECKING:
+    from .pool import SplicePool
+
+
+class Proxy:
+    """Handle of a running relay: ``forward`` (a → b) and ``reverse`` (b → a) splices.
+
+    ``done()`` once both have ended and both sockets are closed; ``reason`` is
+    EOF when both directions ended by EOF, else the first other reason.
+    """
+
+    def __init__(self, pool: SplicePool, half_close: bool) -> None:
+        self.pool = pool
+        self.half_close = half_close
+        self.forward: Splice = None  # type: ignore[assignment]  # set by SplicePool.proxy
+        self.reverse: Splice = None  # type: ignore[assignment]
+        self._lock = _native.allocate_lock()
+        self._first_reason: EndReason | None = None  # the first direction's end that was not EOF
+        self._left = 2  # directions not done yet
+        self._done = _native.Event()
+        self._callbacks: list[Callable[[Proxy], Any]] | None = []
+
+    def __repr__(self) -> str:
+        return (
+            f"<Proxy {self.forward!r} <-> {self.reverse!r} reason="
+            f"{self.reason.name if self.reason else None}>"
+        )
+
+    # -- results ------------------------------------------------------------
+    @property
+    def reason(self) -> EndReason | None:
+        """None while running; EOF if both directions ended by EOF, else the first other reason."""
+        if not self._done.is_set():
+            return None
+        return self._first_reason or EndReason.EOF
+
+    @property
+    def error(self) -> OSError | None:
+        """The error that ended the relay, if one did (from either direction)."""
+        return self.forward.error or self.reverse.error
+
+    def done(self) -> bool:
+        """True once both directions have ended and both sockets are closed."""
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> EndReason:
+        """Block until the relay has ended; return ``reason``. ``TimeoutError`` on timeout."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"proxy still running after {timeout} s: {self!r}")
+        reason = self.reason
+        assert reason is not None
+        return reason
+
+    def add_done_callback(self, fn: Callable[[Proxy], Any]) -> None:
+        """Call ``fn(proxy)`` once both directions are done (in a worker thread; at once if done)."""
+        with self._lock:
+            if self._callbacks is not None:
+                self._callbacks.append(fn)
+                return
+        _run_callback(fn, self)  # type: ignore[arg-type]
+
+    def __await__(self) -> Generator[Any, None, EndReason]:
+        """``await proxy`` in asyncio: wait without blocking the loop, return ``reason``."""
+        from .aio import wait_async
+
+        return wait_async(self).__await__()  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        """Abort the relay: end both directions now; the sockets are closed once they are done."""
+        for sp in (self.forward, self.reverse):
+            if sp.state in LIVE_STATES:
+                try:
+                    self.pool._unsplice_splice(sp)
+                except (OSError, RuntimeError):
+                    pass  # it ended meanwhile, or the pool is closing and ends it
+
+    # -- called by the worker, before the direction's endpoints are released -----
+    def _direction_ending(self, sp: Splice) -> None:
+        """One direction is about to be done (its worker's thread; its sockets still open)."""
+        other = self.reverse if sp is self.forward else self.forward
+        if sp.reason is EndReason.EOF and self.half_close:
+            # Forward the half-close: the peer behind the drain sees our FIN.
+            try:
+                sp._dst.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # already gone: the other direction will find out
+        else:
+            with self._lock:
+                if self._first_reason is None:
+                    self._first_reason = sp.reason
+            if other.state in LIVE_STATES:
+                self.pool._abort(other)
+
+    def _direction_done(self, sp: Splice) -> None:
+        """Done callback of each direction: the second one completes the relay."""
+        with self._lock:
+            self._left -= 1
+            if self._left:
+                return
+            callbacks, self._callbacks = self._callbacks, None
+        self._done.set()
+        for fn in callbacks or ():
+            _run_callback(fn, self)  # type: ignore[arg-type]
+
+
+def proxy(
+    pool: SplicePool,
+    a: Any,
+    b: Any,
+    *,
+    idle: float | None = None,
+    half_close: bool = True,
+) -> Proxy:
+    """Relay ``a`` ⇄ ``b`` on ``pool``; see ``SplicePool.proxy``."""
+    a_fd = _checks.fileno_of(a, "a")
+    b_fd = _checks.fileno_of(b, "b")
+    idle = _checks.check_idle(idle)
+    pool._check_open()
+    a_info = _checks.probe(a, a_fd, "a")
+    b_info = _checks.probe(b, b_fd, "b")
+    _checks.validate_limits(0, idle)
+    if a_info.key == b_info.key:
+        raise oserror(errno.EINVAL, f"{a_info.label} and {b_info.label} are one socket: a proxy joins two")
+    _checks.check_spliceable(a_info)
+    _checks.check_spliceable(b_info)
+    relay = Proxy(pool, half_close)
+    with pool._lock:
+        pool._check_open()
+        pool._check_free(a_info, b_info)
+        pool._check_free(b_info, a_info)
+        fwd_plan = pool._prepare(a, a_info, b, b_info, True)
+        try:
+            rev_plan = pool._prepare(b, b_info, a, a_info, True)
+        except BaseException:
+            pool._undo(fwd_plan)
+            raise
+        fwd = pool._commit(fwd_plan, 0, idle)
+        rev = pool._commit(rev_plan, 0, idle)
+        relay.forward, relay.reverse = fwd, rev
+        for sp, partner in ((fwd, rev), (rev, fwd)):
+            sp._proxy = relay
+            sp._partner = partner  # idle means no byte moved either way
+            sp._callbacks.append(relay._direction_done)  # type: ignore[union-attr]
+        acks = [pool._post(fwd), pool._post(rev)]
+    for ack in acks:
+        if ack is not None:
+            ack.wait()
+    from .pool import _detach
+
+    _detach(a, b)
+    return relay
