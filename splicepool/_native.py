@@ -42,19 +42,26 @@ epoll = _original("select", "epoll", getattr(select, "epoll", None))
 
 
 class Event:
-    """A one-shot event on a native lock: ``set()`` from any thread, ``wait()`` blocks the OS thread."""
+    """A one-shot event on a native lock: ``set()`` from any thread, ``wait()`` from any.
 
-    __slots__ = ("_lock", "_set")
+    In a thread that runs a gevent hub, ``wait()`` yields to the hub instead of
+    blocking it (see ``splicepool.gevent``); elsewhere it blocks the OS thread.
+    """
+
+    __slots__ = ("_lock", "_set", "_notify")
 
     def __init__(self) -> None:
         self._lock = allocate_lock()
         self._lock.acquire()
         self._set = False
+        self._notify: list[Any] = []  # thread-safe callables run by set(): hub wakeups
 
     def set(self) -> None:
         if not self._set:
             self._set = True
             self._lock.release()
+            for fn in tuple(self._notify):
+                fn()
 
     def is_set(self) -> bool:
         return self._set
@@ -62,6 +69,12 @@ class Event:
     def wait(self, timeout: float | None = None) -> bool:
         if self._set:
             return True
+        if "gevent" in sys.modules:
+            from .gevent import cooperative_wait
+
+            done = cooperative_wait(self, timeout)
+            if done is not None:
+                return done
         if timeout is None:
             ok = self._lock.acquire()
         else:
@@ -69,6 +82,25 @@ class Event:
         if ok:
             self._lock.release()
         return ok
+
+
+def report(level: int, msg: str, *args: Any, exc_info: bool = False) -> None:
+    """Log from a worker thread without touching monkey-patched locks.
+
+    Under gevent's ``patch_all()`` the ``logging`` module's locks are greenlet
+    locks that a native thread must not take; the record is then handed to the
+    hub thread (``splicepool.gevent``) or, failing that, written to stderr.
+    """
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        from .gevent import in_hub_thread, report_from_thread
+
+        if not in_hub_thread():
+            report_from_thread(level, msg, args, exc_info)
+            return
+    import logging
+
+    logging.getLogger("splicepool").log(level, msg, *args, exc_info=exc_info)
 
 
 def start_thread(fn: Any) -> Any:

@@ -158,6 +158,10 @@ class SplicePool:
         self._drains: dict[tuple[int, int], Splice] = {}  # splices not done, by drain
         self._records: dict[tuple[int, int], tuple[int, Splice]] = {}  # ended, by source
         self._records_limit = _RECORDS_MIN
+        if "gevent" in sys.modules:  # workers' log records go to this thread's hub
+            from .gevent import adopt_current_hub
+
+            adopt_current_hub()
 
     # -- context manager ---------------------------------------------------------
     def __enter__(self) -> SplicePool:

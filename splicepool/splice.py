@@ -18,8 +18,6 @@ from . import _native
 if TYPE_CHECKING:
     from .pool import SplicePool
 
-log = logging.getLogger("splicepool")
-
 
 class SpliceState(enum.Enum):
     """Where a splice is in its life (FreeBSD's ``SPLICE_*`` states)."""
@@ -228,4 +226,4 @@ def _run_callback(fn: Callable[[Splice], Any], sp: Splice) -> None:
     try:
         fn(sp)
     except Exception:
-        log.exception("splicepool: done callback %r raised (ignored)", fn)
+        _native.report(logging.ERROR, "splicepool: done callback %r raised (ignored)", fn, exc_info=True)

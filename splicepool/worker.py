@@ -25,8 +25,6 @@ from .xfer import CopyMover, NotSpliceable, PipePool, ZeroCopyMover
 if TYPE_CHECKING:
     from .pool import SplicePool
 
-log = logging.getLogger("splicepool")
-
 S = SpliceState
 _SIOCOUTQ = 0x5411  # Linux: bytes in a socket's send queue (unsent + unacked)
 _LOW_WATER_MAX = 64 * 1024  # below this much drain space (and less than wanted), wait for the drain
@@ -95,7 +93,7 @@ class Worker:
         try:
             self._loop()
         except BaseException as exc:  # a bug: report it, end what it held, never hang
-            log.critical("splicepool: worker %d crashed", self.index, exc_info=True)
+            _native.report(logging.CRITICAL, "splicepool: worker %d crashed", self.index, exc_info=True)
             err = OSError(errno.EIO, f"splicepool worker {self.index} crashed: {exc!r}")
             for sp in list(self.splices):
                 self._abandon(sp, EndReason.ERROR, err)
@@ -328,7 +326,7 @@ class Worker:
         try:
             outcome = self._pass(sp)
         except Exception as exc:  # a bug in a pass ends that splice, not the worker
-            log.error("splicepool: xfer pass failed for %r", sp, exc_info=True)
+            _native.report(logging.ERROR, "splicepool: xfer pass failed for %r", sp, exc_info=True)
             if sp.state is S.RUNNING:
                 err = OSError(errno.EIO, f"splicepool internal error: {exc!r}")
                 self._end(sp, EndReason.ERROR, err, drop=True)
@@ -466,7 +464,7 @@ class Worker:
 
     def _to_copy(self, sp: Splice, why: BaseException) -> None:
         """Switch a splice to the copy path for good (nothing is pending)."""
-        log.warning("splicepool: %r falls back to the copy path: %s", sp, why)
+        _native.report(logging.WARNING, "splicepool: %r falls back to the copy path: %s", sp, why)
         sp._mover.release()
         sp._mover = CopyMover(self._copy_buffer())
         self.zero_copy -= 1
