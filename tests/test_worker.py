@@ -1,0 +1,451 @@
+"""Workers and the pool (SPEC sections 1, 4, 5, 6): assignment, isolation, fairness, cleanup, stats."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import select
+import socket
+import struct
+import threading
+import time
+
+import pytest
+from conftest import (
+    Link,
+    fd_count,
+    recv_exact,
+    recv_until_eof,
+    send_in_thread,
+    tcp_pair,
+    thread_count,
+)
+
+from splicepool import EndReason, SplicePool
+
+MiB = 1 << 20
+HAVE_SPLICE = hasattr(os, "splice")
+
+
+# -- helpers (the same few as in test_lifecycle.py) -------------------------------------
+
+
+def payload(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def digest(data: bytes | bytearray) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def until(pred, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return bool(pred())
+        time.sleep(0.005)
+    return True
+
+
+def shrink(*socks: socket.socket, size: int = 64 * 1024) -> None:
+    for s in socks:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+def settle(sp, quiet: float = 0.2, timeout: float = 10.0) -> int:
+    """Wait until ``sp.transferred`` stops growing for ``quiet`` seconds (a stalled drain)."""
+    deadline = time.monotonic() + timeout
+    last = sp.transferred
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = sp.transferred
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"still moving after {timeout} s: {sp!r}")
+
+
+class Collector:
+    """Read a socket in a thread into ``data`` until EOF or ``stop()`` (poll + MSG_DONTWAIT)."""
+
+    def __init__(self, sock: socket.socket, chunk: int = 1 << 20) -> None:
+        self.sock = sock
+        self.chunk = chunk
+        self.data = bytearray()
+        self.finished = False
+        self.cond = threading.Condition()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            p = select.poll()
+            p.register(self.sock, select.POLLIN)
+            while not self._stop.is_set():
+                if not p.poll(50):
+                    continue
+                try:
+                    chunk = self.sock.recv(self.chunk, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    return
+                with self.cond:
+                    self.data += chunk
+                    self.cond.notify_all()
+        except (OSError, ValueError):
+            pass
+        finally:
+            with self.cond:
+                self.finished = True
+                self.cond.notify_all()
+
+    def wait_for(self, n: int, timeout: float = 15.0) -> bool:
+        with self.cond:
+            self.cond.wait_for(lambda: len(self.data) >= n or self.finished, timeout)
+            return len(self.data) >= n
+
+    def stop(self) -> bytes:
+        self._stop.set()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+        return bytes(self.data)
+
+
+@pytest.fixture(params=["splice", "copy"])
+def zero_copy(request):
+    if request.param == "splice" and not HAVE_SPLICE:
+        pytest.skip("no os.splice on this platform")
+    return None if request.param == "splice" else False
+
+
+# -- assignment -------------------------------------------------------------------------
+
+
+def test_round_robin_assignment_and_each_splice_stays_on_its_worker():
+    links = [Link() for _ in range(7)]
+    try:
+        with SplicePool(workers=3) as pool:
+            ran_in: dict[int, int] = {}
+            splices = []
+            for i, ln in enumerate(links):
+                sp = pool.splice(ln.src, ln.dst)
+                sp.add_done_callback(lambda s, i=i: ran_in.__setitem__(i, threading.get_ident()))
+                splices.append(sp)
+            assert [sp.worker for sp in splices] == [0, 1, 2, 0, 1, 2, 0]
+            assert [w["live"] for w in pool.stats()["workers"]] == [3, 2, 2]
+            for i, (ln, sp) in enumerate(zip(links, splices, strict=True)):
+                data = payload(20_000 + i, i)
+                ln.peer_src.sendall(data)
+                ln.peer_src.shutdown(socket.SHUT_WR)
+                assert recv_exact(ln.peer_dst, len(data)) == data
+                assert sp.wait(5) is EndReason.EOF
+            assert until(lambda: len(ran_in) == len(links), 5)
+            # Done callbacks run in the splice's worker thread: one thread per worker index.
+            me = threading.get_ident()
+            for i in range(len(links)):
+                for j in range(len(links)):
+                    assert (ran_in[i] == ran_in[j]) is (i % 3 == j % 3), (i, j)
+                assert ran_in[i] != me
+            # The rotation goes on where it stopped, whatever ended meanwhile.
+            again = [Link() for _ in range(2)]
+            links += again
+            assert [pool.splice(ln.src, ln.dst).worker for ln in again] == [1, 2]
+    finally:
+        for ln in links:
+            ln.close()
+
+
+# -- isolation and fairness on one worker -----------------------------------------------
+
+
+def test_a_stalled_splice_does_not_stall_its_worker(zero_copy):
+    stalled, busy = Link(), Link()
+    pool = SplicePool(workers=1, zero_copy=zero_copy)
+    try:
+        shrink(stalled.dst, stalled.peer_dst)
+        big = payload(8 * MiB, 1)
+        sp1 = pool.splice(stalled.src, stalled.dst)
+        sender1 = send_in_thread(stalled.peer_src, big, shut=True)
+        assert until(lambda: sp1.transferred > 0)
+        settle(sp1)  # the drain's peer never reads: its buffers are full, sp1 waits
+        data = payload(8 * MiB, 2)
+        col = Collector(busy.peer_dst)
+        t0 = time.monotonic()
+        sp2 = pool.splice(busy.src, busy.dst)
+        assert sp2.worker == sp1.worker == 0
+        sender2 = send_in_thread(busy.peer_src, data, shut=True)
+        assert sp2.wait(10) is EndReason.EOF
+        assert time.monotonic() - t0 < 5
+        sender2.join(5)
+        assert col.wait_for(len(data))
+        assert digest(col.stop()) == digest(data)
+        assert sp2.transferred == len(data)
+        assert not sp1.done()  # still there, still waiting for its drain
+        # Let the stalled one go: its bytes are all intact too.
+        col1 = Collector(stalled.peer_dst)
+        sp1.unsplice()
+        assert sp1.wait(10) is EndReason.UNSPLICED
+        assert col1.wait_for(sp1.transferred)
+        rest = recv_until_eof(stalled.src, timeout=15)
+        sender1.join(5)
+        assert digest(col1.stop() + rest) == digest(big)
+    finally:
+        pool.close()
+        stalled.close()
+        busy.close()
+
+
+def test_a_spinning_splice_does_not_starve_others_on_its_worker(zero_copy):
+    """A loop (c -> s -> c) always has data and space; another splice on its worker still runs."""
+    c, s = tcp_pair()
+    ln = Link()
+    pool = SplicePool(workers=1, zero_copy=zero_copy)
+    try:
+        c.sendall(payload(64 * 1024, 3))  # queued in s; splice(s, c) sends it back to s, forever
+        hog = pool.splice(s, c)
+        assert until(lambda: hog.transferred > 4 * MiB)
+        data = payload(4 * MiB, 4)
+        col = Collector(ln.peer_dst)
+        t0 = time.monotonic()
+        sp = pool.splice(ln.src, ln.dst)
+        sender = send_in_thread(ln.peer_src, data, shut=True)
+        assert sp.wait(10) is EndReason.EOF
+        assert time.monotonic() - t0 < 5
+        sender.join(5)
+        assert col.wait_for(len(data))
+        assert digest(col.stop()) == digest(data)
+        before = hog.transferred
+        assert until(lambda: hog.transferred > before)  # and the hog still spins
+        hog.unsplice()
+        assert hog.wait(5) is EndReason.UNSPLICED
+    finally:
+        pool.close()
+        c.close()
+        s.close()
+        ln.close()
+
+
+def test_eight_bulk_splices_on_one_worker_all_finish(zero_copy):
+    links = [Link() for _ in range(8)]
+    pool = SplicePool(workers=1, zero_copy=zero_copy)
+    try:
+        runs = []
+        for i, ln in enumerate(links):
+            data = payload(2 * MiB + i, 10 + i)
+            col = Collector(ln.peer_dst)
+            sp = pool.splice(ln.src, ln.dst)
+            assert sp.worker == 0
+            runs.append((data, col, sp))
+        senders = [
+            send_in_thread(ln.peer_src, data, shut=True)
+            for ln, (data, _, _) in zip(links, runs, strict=True)
+        ]
+        for data, col, sp in runs:
+            assert sp.wait(30) is EndReason.EOF
+            assert sp.transferred == len(data)
+            assert col.wait_for(len(data))
+            assert digest(col.stop()) == digest(data)
+        for t in senders:
+            t.join(5)
+        st = pool.stats()
+        assert st["bytes"] == sum(len(data) for data, _, _ in runs)
+        assert st["workers"][0]["passes"] >= len(runs)
+    finally:
+        pool.close()
+        for ln in links:
+            ln.close()
+
+
+# -- threads, fds, closing --------------------------------------------------------------
+
+
+def test_workers_start_lazily(link):
+    threads0 = thread_count()
+    pool = SplicePool(workers=4)
+    try:
+        assert thread_count() == threads0
+        assert len(pool.stats()["workers"]) == 4
+        assert thread_count() == threads0
+        data = payload(100_000, 5)
+        link.peer_src.sendall(data)
+        link.peer_src.shutdown(socket.SHUT_WR)
+        sp = pool.splice(link.src, link.dst)
+        assert recv_exact(link.peer_dst, len(data)) == data
+        assert sp.wait(5) is EndReason.EOF
+        assert thread_count() <= threads0 + 1
+    finally:
+        pool.close()
+    assert thread_count() == threads0
+
+
+def test_close_leaves_no_thread_or_fd_and_is_idempotent(zero_copy):
+    links = [Link() for _ in range(4)]
+    try:
+        fds0, threads0 = fd_count(), thread_count()
+        pool = SplicePool(workers=2, zero_copy=zero_copy)
+        # Two splices that ended, one live and idle, one live and stalled with data in flight.
+        for ln in links[:2]:
+            ln.peer_src.sendall(b"done")
+            ln.peer_src.shutdown(socket.SHUT_WR)
+            sp = pool.splice(ln.src, ln.dst)
+            assert recv_exact(ln.peer_dst, 4) == b"done"
+            assert sp.wait(5) is EndReason.EOF
+        idle = pool.splice(links[2].src, links[2].dst)
+        stalled_link = links[3]
+        shrink(stalled_link.dst, stalled_link.peer_dst)
+        big = payload(4 * MiB, 6)
+        stalled = pool.splice(stalled_link.src, stalled_link.dst)
+        sender = send_in_thread(stalled_link.peer_src, big, shut=True)
+        assert until(lambda: stalled.transferred > 0)
+        assert fd_count() > fds0
+        assert thread_count() > threads0
+        pool.close(grace=0.2)
+        assert idle.reason is EndReason.POOL_CLOSED
+        assert stalled.reason is EndReason.POOL_CLOSED
+        assert idle.done() and stalled.done()
+        # Unblock our sender: everything not accepted by the drain or dropped is still in src.
+        moved = stalled.transferred + stalled.dropped
+        rest = recv_until_eof(stalled_link.src, timeout=15)
+        sender.join(5)
+        assert not sender.is_alive()
+        assert digest(rest) == digest(big[moved:])
+        assert thread_count() == threads0
+        assert fd_count() == fds0
+        pool.close()  # idempotent
+        with SplicePool(workers=1) as other:  # and the context manager closes too
+            other.splice(links[0].src, links[0].dst)
+        assert thread_count() == threads0
+        assert fd_count() == fds0
+        with pytest.raises(RuntimeError):
+            pool.splice(links[0].src, links[0].dst)
+        with pytest.raises(RuntimeError):
+            pool.unsplice(links[2].src)
+        assert thread_count() == threads0
+        assert fd_count() == fds0
+    finally:
+        for ln in links:
+            ln.close()
+
+
+def test_soak_of_2000_short_splices_leaves_nothing_behind(zero_copy):
+    batch, rounds, size = 50, 40, 4096
+    drains = [tcp_pair() for _ in range(batch)]  # (dst, peer_dst), reused by every round
+    try:
+        fds0, threads0 = fd_count(), thread_count()
+        pool = SplicePool(workers=2, zero_copy=zero_copy)
+        t0 = time.monotonic()
+        total = 0
+        for r in range(rounds):
+            sources = [tcp_pair() for _ in range(batch)]  # (peer_src, src)
+            try:
+                splices = []
+                for k, ((peer_src, src), (dst, _)) in enumerate(zip(sources, drains, strict=True)):
+                    data = hashlib.sha256(f"{r}:{k}".encode()).digest() * (size // 32)
+                    peer_src.sendall(data)
+                    peer_src.shutdown(socket.SHUT_WR)
+                    splices.append((pool.splice(src, dst), data))
+                for (sp, data), (_, peer_dst) in zip(splices, drains, strict=True):
+                    assert recv_exact(peer_dst, size) == data
+                    assert sp.wait(5) is EndReason.EOF
+                    assert sp.transferred == size
+                    total += size
+            finally:
+                for pair in sources:
+                    for sock in pair:
+                        sock.close()
+        assert time.monotonic() - t0 < 30
+        st = pool.stats()
+        assert st["live"] == 0
+        assert st["bytes"] == total == batch * rounds * size
+        pool.close()
+        assert thread_count() == threads0
+        assert fd_count() == fds0
+    finally:
+        for pair in drains:
+            for sock in pair:
+                sock.close()
+
+
+# -- stats ------------------------------------------------------------------------------
+
+
+def test_stats_is_json_and_counts_bytes_and_live_splices(zero_copy):
+    links = [Link() for _ in range(5)]
+    pool = SplicePool(workers=2, zero_copy=zero_copy)
+    try:
+        st = pool.stats()
+        assert json.loads(json.dumps(st)) == st
+        assert st["live"] == 0
+        assert st["bytes"] == 0
+        assert [w["index"] for w in st["workers"]] == [0, 1]
+        sizes = [1000, 70_000, 300_003]
+        splices = []
+        for ln, size in zip(links, sizes, strict=False):
+            data = payload(size, size)
+            sp = pool.splice(ln.src, ln.dst)
+            sender = send_in_thread(ln.peer_src, data, shut=True)
+            assert recv_exact(ln.peer_dst, size) == data
+            assert sp.wait(5) is EndReason.EOF
+            sender.join(5)
+            splices.append(sp)
+        st = pool.stats()
+        assert json.loads(json.dumps(st)) == st
+        assert st["live"] == 0
+        assert st["bytes"] == sum(sp.transferred for sp in splices) == sum(sizes)
+        assert len(st["workers"]) == 2
+        for w in st["workers"]:
+            assert {"index", "live", "bytes", "passes", "wakeups", "zero_copy", "copy"} <= set(w)
+            assert w["live"] == 0
+            assert w["bytes"] == sum(sp.transferred for sp in splices if sp.worker == w["index"])
+            assert w["passes"] >= 1
+            assert w["wakeups"] >= 0
+        # The path in use shows.
+        if zero_copy is False:
+            assert any(w["copy"] for w in st["workers"])
+            assert not any(w["zero_copy"] for w in st["workers"])
+        else:
+            assert any(w["zero_copy"] for w in st["workers"])
+            assert not any(w["copy"] for w in st["workers"])
+        # Live splices: two that wait for data.
+        live = [pool.splice(ln.src, ln.dst) for ln in links[3:]]
+        st = pool.stats()
+        assert json.loads(json.dumps(st)) == st
+        assert st["live"] == 2
+        assert sum(w["live"] for w in st["workers"]) == 2
+        assert st["bytes"] == sum(sizes)
+        for sp in live:
+            sp.unsplice()
+            assert sp.wait(5) is EndReason.UNSPLICED
+        assert pool.stats()["live"] == 0
+    finally:
+        pool.close()
+        for ln in links:
+            ln.close()
+
+
+def test_rst_on_one_splice_does_not_disturb_another_on_the_same_worker(zero_copy):
+    broken, fine = Link(), Link()
+    pool = SplicePool(workers=1, zero_copy=zero_copy)
+    try:
+        bad = pool.splice(broken.src, broken.dst)
+        good = pool.splice(fine.src, fine.dst)
+        data = payload(3 * MiB, 7)
+        col = Collector(fine.peer_dst)
+        sender = send_in_thread(fine.peer_src, data, shut=True)
+        broken.peer_dst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        broken.peer_dst.close()
+        broken.peer_src.sendall(payload(200_000, 8))
+        assert bad.wait(10) is EndReason.ERROR
+        assert good.wait(10) is EndReason.EOF
+        sender.join(5)
+        assert col.wait_for(len(data))
+        assert digest(col.stop()) == digest(data)
+    finally:
+        pool.close()
+        broken.close()
+        fine.close()
