@@ -14,8 +14,12 @@ $(STAMP): pyproject.toml setup.cfg
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The engine suite runs three times: worker threads, then (in a monkey-patched
+# process) gevent worker greenlets, then gevent direct dispatch.
 test: install
 	$(PY) -m pytest -q
+	SPLICEPOOL_TEST_BACKEND=gevent $(PY) -m pytest -q
+	SPLICEPOOL_TEST_BACKEND=gevent-direct $(PY) -m pytest -q
 
 demo: install
 	$(PY) -m splicepool.demo

@@ -63,9 +63,9 @@ class _Waker:
         self.pending = False
 
     def close(self) -> None:
-        os.close(self.rfd)
+        _native.close(self.rfd)
         if self.wfd != self.rfd:  # pragma: no cover - non-Linux
-            os.close(self.wfd)
+            _native.close(self.wfd)
 
 
 class EpollHub:

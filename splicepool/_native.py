@@ -34,6 +34,7 @@ get_ident = _original("_thread", "get_ident", _thread.get_ident)
 monotonic = _original("time", "monotonic", time.monotonic)
 sleep = _original("time", "sleep", time.sleep)
 get_native_id = _original("_thread", "get_native_id", _thread.get_native_id)
+close = _original("os", "close", os.close)  # gevent's defers the close to its loop
 _start_joinable = getattr(_thread, "start_joinable_thread", None)  # Python >= 3.13
 if _start_joinable is not None:
     _start_joinable = _original("_thread", "start_joinable_thread", _start_joinable)

@@ -99,7 +99,7 @@ def _detach(*objs: Any) -> None:
 
 def _close(fd: int) -> None:
     try:
-        os.close(fd)
+        _native.close(fd)
     except OSError:
         pass
 
@@ -114,6 +114,9 @@ class SplicePool:
     ``hub`` picks what workers sleep on: ``"epoll"`` (edge-triggered, Linux),
     ``"selector"`` (level-triggered ``selectors.DefaultSelector``, what other
     systems get) or ``"auto"`` (epoll where there is one).
+    ``backend="gevent"`` makes the workers greenlets on the gevent hub (no OS
+    thread; use the pool from the hub's thread); with it, ``dispatch="direct"``
+    runs each pass in the io watcher's callback instead of the worker greenlet.
     A context manager: leaving the block calls ``close()``.
     """
 
@@ -126,6 +129,7 @@ class SplicePool:
         zero_copy: bool | None = None,
         copy_size: int = 256 * 1024,
         hub: str = "auto",
+        dispatch: str = "worker",
     ) -> None:
         if workers is None:
             workers = os.cpu_count() or 1
@@ -133,8 +137,17 @@ class SplicePool:
             raise TypeError(f"workers must be an int, not {type(workers).__name__}")
         if workers < 1:
             raise ValueError(f"workers must be at least 1, not {workers}")
-        if backend != "thread":
-            raise ValueError(f"unknown backend {backend!r}: expected 'thread'")
+        if backend not in ("thread", "gevent"):
+            raise ValueError(f"unknown backend {backend!r}: expected 'thread' or 'gevent'")
+        if dispatch not in ("worker", "direct"):
+            raise ValueError(f"unknown dispatch {dispatch!r}: expected 'worker' or 'direct'")
+        if dispatch == "direct" and backend != "gevent":
+            raise ValueError("dispatch='direct' needs backend='gevent'")
+        if backend == "gevent":
+            try:
+                import gevent  # noqa: F401
+            except ImportError:
+                raise ValueError("backend='gevent' needs gevent: pip install splicepool[gevent]") from None
         for name, value in (("pipe_size", pipe_size), ("copy_size", copy_size)):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, not {type(value).__name__}")
@@ -145,6 +158,7 @@ class SplicePool:
         if zero_copy and not HAVE_SPLICE:
             raise ValueError("zero_copy=True needs os.splice (Linux, Python >= 3.10)")
         self.backend = backend
+        self.dispatch = dispatch
         self._zero_copy = HAVE_SPLICE if zero_copy is None else bool(zero_copy)
         self._pipe_size = pipe_size
         self._hub = _hub.HUBS[hub]
@@ -289,9 +303,9 @@ class SplicePool:
         return ack
 
     def _on_worker_thread(self) -> Worker | None:
-        me = _native.get_ident()
+        """The worker we are running in (a done callback), if any."""
         for worker in self._workers:
-            if worker is not None and worker.thread_id == me:
+            if worker is not None and worker.is_current():
                 return worker
         return None
 
@@ -325,7 +339,7 @@ class SplicePool:
     def _worker(self, index: int) -> Worker:
         worker = self._workers[index]
         if worker is None or not worker.accepting:
-            worker = Worker(self, index, self._hub())
+            worker = self._new_worker(index)
             try:
                 worker.start()
             except BaseException:
@@ -334,6 +348,13 @@ class SplicePool:
                 raise
             self._workers[index] = worker
         return worker
+
+    def _new_worker(self, index: int) -> Worker:
+        if self.backend == "gevent":
+            from ._gevent_backend import GeventWorker
+
+            return GeventWorker(self, index, direct=self.dispatch == "direct")
+        return Worker(self, index, self._hub())
 
     def unsplice(self, src: Any) -> Splice:
         """Stop splicing ``src`` (FreeBSD's ``so_unsplice``) and return that splice.
@@ -487,8 +508,7 @@ class SplicePool:
             for worker in workers:
                 if worker.accepting and not already:
                     worker.post(("close", grace))
-        me = _native.get_ident()
-        if any(worker.thread_id == me for worker in workers):
+        if any(worker.is_current() for worker in workers):
             return  # from a done callback: joining could wait on a worker joining us
         for worker in workers:
             worker.join()

@@ -83,6 +83,10 @@ class Worker:
     def start(self) -> None:
         self.join = _native.start_thread(self._run)
 
+    def is_current(self) -> bool:
+        """True when called from this worker (e.g. in a done callback it runs)."""
+        return self.thread_id == _native.get_ident()
+
     def post(self, msg: tuple[Any, ...]) -> None:
         """Queue a control message (any thread; the caller holds the pool lock)."""
         self.control.append(msg)

@@ -29,6 +29,8 @@ import socket
 import sys
 from typing import Any
 
+from . import _native
+
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Python >= 3.10 names it, on Linux only)
 _F_GETPIPE_SZ = 1032
@@ -68,7 +70,7 @@ class Pipe:
     def close(self) -> None:
         for fd in (self.r, self.w):
             try:
-                os.close(fd)
+                _native.close(fd)
             except OSError:
                 pass
 

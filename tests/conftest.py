@@ -1,14 +1,42 @@
-"""Shared fixtures: real loopback sockets, a pool that is always closed."""
+"""Shared fixtures: real loopback sockets, a pool that is always closed.
+
+``SPLICEPOOL_TEST_BACKEND=gevent`` (or ``gevent-direct``) runs the same suite
+in a monkey-patched process against ``SplicePool(backend="gevent")``: every
+pool a test makes defaults to that backend, and the tests' threads and
+sockets are gevent's.
+"""
 
 from __future__ import annotations
 
 import os
-import socket
-import threading
 
-import pytest
+BACKEND = os.environ.get("SPLICEPOOL_TEST_BACKEND", "thread")
+GEVENT = BACKEND.startswith("gevent")
+if GEVENT:
+    from gevent import monkey
 
-import splicepool
+    monkey.patch_all()
+
+import socket  # noqa: E402 - after patching, on purpose
+import threading  # noqa: E402
+
+import pytest  # noqa: E402
+
+import splicepool  # noqa: E402
+
+if GEVENT:
+    import functools
+
+    _init = splicepool.SplicePool.__init__
+    _defaults = {"backend": "gevent", "dispatch": "direct" if BACKEND == "gevent-direct" else "worker"}
+
+    @functools.wraps(_init)
+    def _gevent_default(self, *args, **kwargs):
+        for key, value in _defaults.items():
+            kwargs.setdefault(key, value)
+        _init(self, *args, **kwargs)
+
+    splicepool.SplicePool.__init__ = _gevent_default
 
 
 def tcp_pair(family: int = socket.AF_INET) -> tuple[socket.socket, socket.socket]:
@@ -94,6 +122,15 @@ def fd_count() -> int:
 
 def thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
+
+
+#: For tests of what only holds with native threads and blocking fds.
+thread_backend_only = pytest.mark.skipif(
+    GEVENT, reason="gevent's sockets are always non-blocking fds, and its threads are greenlets"
+)
+
+#: For tests that start their own interpreters: they run once, in the thread run.
+own_processes = pytest.mark.skipif(GEVENT, reason="starts its own processes: runs in the thread run")
 
 
 @pytest.fixture

@@ -8,12 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import own_processes
 
 from splicepool.xfer import HAVE_SPLICE
 
 ROOT = Path(__file__).resolve().parent.parent
 # One table row: "   3  main    client->upstream   8,388,611   123.4  EOF   0  zero-copy"
 ROW = re.compile(r"^\s*(\d+)\s+(\w+)\s+(\S+->\S+)\s+([\d,]+)\s+\S+\s+(\w+)\s+(\d+)\s+(\S+)$", re.M)
+
+pytestmark = own_processes
 
 
 def run_demo(*args: str) -> subprocess.CompletedProcess[str]:

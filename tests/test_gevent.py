@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import own_processes
 
 pytest.importorskip("gevent")
 
@@ -90,6 +91,8 @@ pool.close()
 print("threads after close:", threading.active_count())
 print("OK", during)
 """
+
+pytestmark = own_processes
 
 
 def _run(code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

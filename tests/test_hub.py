@@ -8,9 +8,11 @@ import threading
 import time
 
 import pytest
-from conftest import tcp_pair
+from conftest import tcp_pair, thread_backend_only
 
 from splicepool import _hub
+
+pytestmark = thread_backend_only  # these hubs serve worker threads; a patched process cannot drive them
 
 HUBS = [pytest.param(_hub.SelectorHub, id="selector")]
 if _hub._native.epoll is not None:

@@ -18,7 +18,15 @@ import threading
 import time
 
 import pytest
-from conftest import Link, recv_available, recv_exact, recv_until_eof, send_in_thread, tcp_pair
+from conftest import (
+    Link,
+    recv_available,
+    recv_exact,
+    recv_until_eof,
+    send_in_thread,
+    tcp_pair,
+    thread_backend_only,
+)
 
 from splicepool import EndReason, SplicePool, SpliceState
 
@@ -648,6 +656,7 @@ def test_loop_on_one_connection_spins_until_stopped(zpool, path, link, how):
 
 @pytest.mark.parametrize("mode", ["blocking", "non-blocking"])
 @pytest.mark.parametrize("end", ["eof", "unsplice"])
+@thread_backend_only
 def test_blocking_mode_is_restored(zpool, link, mode, end):
     if mode == "non-blocking":
         link.src.setblocking(False)
@@ -679,6 +688,7 @@ def test_blocking_mode_is_restored(zpool, link, mode, end):
             assert link.src.recv(10) == b""
 
 
+@thread_backend_only
 def test_blocking_mode_stays_off_while_another_splice_uses_the_socket(zpool, link):
     fwd = zpool.splice(link.src, link.dst)
     rev = zpool.splice(link.dst, link.src)

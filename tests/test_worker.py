@@ -14,6 +14,8 @@ import time
 
 import pytest
 from conftest import (
+    BACKEND,
+    GEVENT,
     Link,
     fd_count,
     recv_exact,
@@ -126,6 +128,9 @@ def zero_copy(request):
 # -- assignment -------------------------------------------------------------------------
 
 
+@pytest.mark.skipif(
+    BACKEND == "gevent-direct", reason="direct dispatch runs passes and callbacks in the hub itself"
+)
 def test_round_robin_assignment_and_each_splice_stays_on_its_worker():
     links = [Link() for _ in range(7)]
     try:
@@ -303,7 +308,7 @@ def test_close_leaves_no_thread_or_fd_and_is_idempotent(zero_copy):
         sender = send_in_thread(stalled_link.peer_src, big, shut=True)
         assert until(lambda: stalled.transferred > 0)
         assert fd_count() > fds0
-        assert thread_count() > threads0
+        assert thread_count() > threads0 or GEVENT  # the gevent backend starts no thread
         pool.close(grace=0.2)
         assert idle.reason is EndReason.POOL_CLOSED
         assert stalled.reason is EndReason.POOL_CLOSED
