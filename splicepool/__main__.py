@@ -41,6 +41,29 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _count(minimum: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is less than {minimum}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not zero or more seconds")
+    return value
+
+
 def _hostport(text: str) -> tuple[str, int]:
     try:
         return parse_hostport(text)
@@ -70,26 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to accept on; IPv6 in brackets, as [::1]:8080")
     p.add_argument("--connect", required=True, type=_hostport, metavar="HOST:PORT",
                    help="upstream address each connection is forwarded to")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
+    p.add_argument("--workers", type=_count(1), default=None, metavar="N",
                    help="splice worker threads per process (default: one per CPU)")
     p.add_argument("--idle", type=_positive_float, default=None, metavar="SECONDS",
                    help="close a connection after this long with no byte moved either way "
                    "(default: never)")
-    p.add_argument("--max-conns", type=int, default=0, metavar="N",
+    p.add_argument("--max-conns", type=_count(0), default=0, metavar="N",
                    help="at most N live connections per process; more wait in the listen "
                    "backlog (default: 0, no limit)")
     p.add_argument("--connect-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
                    help="give up on an upstream connect after this long (default: 10)")
     p.add_argument("--nodelay", action=argparse.BooleanOptionalAction, default=True,
                    help="set TCP_NODELAY on both legs (default: on)")
-    p.add_argument("--pipe-size", type=int, default=1 << 20, metavar="BYTES",
+    p.add_argument("--pipe-size", type=_count(4096), default=1 << 20, metavar="BYTES",
                    help="pipe size per splice in flight, F_SETPIPE_SZ (default: 1048576)")
     p.add_argument("--reuse-port", action="store_true",
                    help="set SO_REUSEPORT on the listening socket")
-    p.add_argument("--processes", type=int, default=1, metavar="N",
+    p.add_argument("--processes", type=_count(1), default=1, metavar="N",
                    help="run N processes on the same port with SO_REUSEPORT (default: 1); "
                    "with --stats-listen, process i serves stats on PORT+i")
-    p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--grace", type=_seconds, default=10.0, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, how long live connections may finish (default: 10)")
     p.add_argument("--stats-listen", type=_stats_addr, default=None, metavar="[HOST:]PORT",
                    help="serve /stats (JSON) and /metrics (Prometheus) over HTTP; "
@@ -116,7 +139,40 @@ def run_proxy(args: argparse.Namespace, index: int = 0) -> int:
     """One proxy process: serve until SIGINT/SIGTERM, then wind down; exit status."""
     log = logging.getLogger("splicepool.proxy")
     pool = SplicePool(workers=args.workers, pipe_size=args.pipe_size)
-    server = ProxyServer(
+    try:
+        server = _server(args, pool)
+    except OSError as exc:
+        pool.close()
+        log.error("cannot listen on %s:%d: %s", *args.listen, exc.strerror or exc)
+        return 1
+    httpd = None
+    try:
+        if args.stats_listen is not None:
+            host, port = args.stats_listen
+            httpd = server.serve_stats((host, port + index if port else 0))
+    except OSError as exc:
+        log.error("cannot serve stats on %s:%d: %s", *args.stats_listen, exc.strerror or exc)
+        server.stop()
+        server.serve_forever(grace=0)
+        return 1
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        server.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        server.serve_forever(grace=args.grace)
+    finally:
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+    log.info("stopped after %d connection(s)", server.counters.accepted)
+    return 0
+
+
+def _server(args: argparse.Namespace, pool: SplicePool) -> ProxyServer:
+    return ProxyServer(
         args.listen,
         args.connect,
         pool=pool,
@@ -126,24 +182,6 @@ def run_proxy(args: argparse.Namespace, index: int = 0) -> int:
         nodelay=args.nodelay,
         reuse_port=args.reuse_port or args.processes > 1,
     )
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        server.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    httpd = None
-    if args.stats_listen is not None:
-        host, port = args.stats_listen
-        httpd = server.serve_stats((host, port + index if port else 0))
-    try:
-        server.serve_forever(grace=args.grace)
-    finally:
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
-    log.info("stopped after %d connection(s)", server.counters.accepted)
-    return 0
 
 
 def run_processes(args: argparse.Namespace) -> int:
@@ -185,10 +223,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(process)d %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    if args.processes < 1:
-        raise SystemExit("--processes must be at least 1")
-    if args.workers is not None and args.workers < 1:
-        raise SystemExit("--workers must be at least 1")
     limit = raise_nofile_limit()
     logging.getLogger("splicepool.proxy").debug("open-file limit: %d", limit)
     try:

@@ -1,0 +1,758 @@
+"""``python -m splicepool proxy`` end to end: the CLI as a real subprocess, real loopback peers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import own_processes, recv_exact, recv_until_eof, send_in_thread
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 10.0  # interpreter start + import on a loaded 2-core machine
+
+CONN_LINE = re.compile(
+    r"^\S+ \S+ (?P<pid>\d+) (?P<level>[A-Z]+) conn (?P<id>\d+) (?P<peer>\S+) -> (?P<upstream>\S+)"
+    r" up=(?P<up>\d+) down=(?P<down>\d+) duration=(?P<duration>[\d.]+)s reason=(?P<reason>\w+)",
+    re.MULTILINE,
+)
+
+pytestmark = own_processes
+
+
+# -- helpers -------------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free on ``host`` a moment ago (callers retry on EADDRINUSE)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def sockname(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return hostport(host, port)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> object:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def http_get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        assert resp.status == 200
+        return resp.read().decode()
+
+
+def echo(conn: socket.socket) -> None:
+    """Upstream mode: send back every byte until the client's EOF (holds idle connections open)."""
+    while True:
+        data = conn.recv(1 << 16)
+        if not data:
+            return
+        conn.sendall(data)
+
+
+def reply_after_eof(reply: bytes, requests: list[bytes]) -> Callable[[socket.socket], None]:
+    """Upstream mode: read the request until EOF, then send ``reply`` and close."""
+
+    def handler(conn: socket.socket) -> None:
+        requests.append(recv_until_eof(conn, timeout=20))
+        conn.sendall(reply)
+
+    return handler
+
+
+class Upstream:
+    """A threaded TCP server on loopback; ``handler(conn)`` runs per connection, then conn closes."""
+
+    def __init__(
+        self,
+        handler: Callable[[socket.socket], None] = echo,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.handler = handler
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.sock.listen(1024)
+        self.sock.settimeout(0.05)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.addr = hostport(host, self.port)
+        self.accepted = 0
+        self.errors: list[BaseException] = []
+        self._conns: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
+        self._acceptor.start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(30)
+            t = threading.Thread(target=self._run, args=(conn,), daemon=True)
+            with self._lock:
+                self.accepted += 1
+                self._conns.append(conn)
+                self._threads.append(t)
+            t.start()
+
+    def _run(self, conn: socket.socket) -> None:
+        try:
+            self.handler(conn)
+        except OSError as exc:
+            if not self._closed:
+                self.errors.append(exc)
+        finally:
+            conn.close()
+
+    def join(self, timeout: float = 10.0) -> None:
+        """Wait for every handler so far to return."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+            assert not t.is_alive(), "an upstream handler is still running"
+
+    def close(self) -> None:
+        self._closed = True
+        self._acceptor.join(2)
+        self.sock.close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # wakes a handler blocked in recv
+            except OSError:
+                pass
+
+
+class ProxyProc:
+    """One ``python -m splicepool proxy`` subprocess; stderr (and stdout) go to a log file."""
+
+    def __init__(self, args: list[str], log_path: Path, port: int, stats_port: int | None) -> None:
+        self.args = args
+        self.port = port
+        self.stats_port = stats_port
+        self.log_path = log_path
+        self._log_file = open(log_path, "ab")  # closed in kill()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "splicepool", "proxy", *args],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=self._log_file,
+        )
+        self.pid = self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def conn_lines(self) -> list[dict[str, str]]:
+        return [m.groupdict() for m in CONN_LINE.finditer(self.log())]
+
+    def wait_log(self, pattern: str, timeout: float = 5.0, count: int = 1) -> list[str]:
+        """Wait until ``pattern`` (a regex, MULTILINE) matches ``count`` times in the log."""
+        regex = re.compile(pattern, re.MULTILINE)
+        deadline = time.monotonic() + timeout
+        while True:
+            found = regex.findall(self.log())
+            if len(found) >= count:
+                return found
+            if time.monotonic() >= deadline:
+                pytest.fail(f"no {count} x {pattern!r} in the proxy log after {timeout} s:\n{self.log()}")
+            time.sleep(0.02)
+
+    def conn_line(self, peer: str, timeout: float = 5.0) -> dict[str, str]:
+        """The log line of the connection whose client address is ``peer``."""
+
+        def find() -> dict[str, str] | None:
+            return next((line for line in self.conn_lines() if line["peer"] == peer), None)
+
+        line = wait_until(find, timeout, f"the log line for {peer}")
+        assert isinstance(line, dict)
+        return line
+
+    def stats(self) -> dict:
+        assert self.stats_port is not None
+        return json.loads(http_get(self.stats_port, "/stats"))
+
+    def wait_stats(self, timeout: float = 5.0, **expected: int) -> dict:
+        """Poll /stats until ``connections`` has every ``expected`` value; return it."""
+        last: dict = {}
+
+        def check() -> bool:
+            nonlocal last
+            last = self.stats()["connections"]
+            return all(last[k] == v for k, v in expected.items())
+
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() >= deadline:
+                pytest.fail(f"/stats never had {expected}; last: {last}")
+            time.sleep(0.02)
+        return last
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the proxy did not exit within {timeout} s:\n{self.log()}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log_file.close()
+
+
+@pytest.fixture
+def upstreams():
+    """``make(handler, ...)`` → a started Upstream, closed at teardown."""
+    made: list[Upstream] = []
+
+    def make(handler: Callable[[socket.socket], None] = echo, **kw) -> Upstream:
+        up = Upstream(handler, **kw)
+        made.append(up)
+        return up
+
+    yield make
+    for up in made:
+        up.close()
+
+
+@pytest.fixture
+def start_proxy(tmp_path):
+    """``start(connect, *options, listen_host=, processes=, stats=)`` → a ready ProxyProc.
+
+    Ready means every process logged "listening on": the listener is bound and listening
+    before that line is written. A probe connect is avoided on purpose: it would be
+    counted by the accepted/finished counters that several tests check exactly.
+    A port lost to another process between free_port() and bind is retried.
+    """
+    started: list[ProxyProc] = []
+
+    def start(
+        connect: str,
+        *options: str,
+        listen_host: str = "127.0.0.1",
+        processes: int = 1,
+        stats: bool = False,
+    ) -> ProxyProc:
+        for attempt in range(5):
+            port = free_port(listen_host)
+            stats_port = free_port() if stats else None
+            args = ["--listen", hostport(listen_host, port), "--connect", connect, *options]
+            if processes > 1:
+                args += ["--processes", str(processes)]
+            if stats_port is not None:
+                args += ["--stats-listen", str(stats_port)]
+            proxy = ProxyProc(args, tmp_path / f"proxy-{len(started)}.log", port, stats_port)
+            started.append(proxy)
+            deadline = time.monotonic() + START_TIMEOUT
+            while time.monotonic() < deadline:
+                log = proxy.log()
+                if log.count(" INFO listening on ") >= processes:
+                    return proxy
+                if "Address already in use" in log or proxy.proc.poll() is not None:
+                    break
+                time.sleep(0.02)
+            log = proxy.log()
+            proxy.kill()
+            if "Address already in use" not in log:
+                pytest.fail(f"the proxy did not start (attempt {attempt + 1}):\n{log}")
+        pytest.fail("no free port after 5 attempts")
+
+    yield start
+    for proxy in started:
+        proxy.kill()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def ping(sock: socket.socket, data: bytes = b"ping") -> None:
+    sock.sendall(data)
+    assert recv_exact(sock, len(data), timeout=5) == data
+
+
+# -- 1. bulk both ways ------------------------------------------------------------------------
+def test_8_mib_each_way_at_once_arrives_intact_and_is_logged(upstreams, start_proxy):
+    n = 8 << 20
+    up_data, down_data = os.urandom(n), os.urandom(n)
+    received_up: list[str] = []
+
+    def handler(conn: socket.socket) -> None:
+        sender = send_in_thread(conn, down_data, shut=True)
+        received_up.append(sha256(recv_until_eof(conn, timeout=20)))
+        sender.join(20)
+
+    upstream = upstreams(handler)
+    proxy = start_proxy(upstream.addr)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client:
+        peer = sockname(client)
+        sender = send_in_thread(client, up_data, shut=True)
+        down = recv_until_eof(client, timeout=20)
+        sender.join(20)
+    assert sha256(down) == sha256(down_data)
+    upstream.join()
+    assert received_up == [sha256(up_data)]
+    line = proxy.conn_line(peer)
+    assert (line["level"], line["up"], line["down"], line["reason"]) == ("INFO", str(n), str(n), "EOF")
+    assert line["upstream"] == upstream.addr
+    assert not upstream.errors
+
+
+# -- 2. half-close ------------------------------------------------------------------------------
+def test_half_close_request_then_reply_after_eof(upstreams, start_proxy):
+    request, reply = os.urandom(50_000), os.urandom(1 << 20)
+    requests: list[bytes] = []
+    upstream = upstreams(reply_after_eof(reply, requests))
+    proxy = start_proxy(upstream.addr)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client:
+        peer = sockname(client)
+        client.sendall(request)
+        client.shutdown(socket.SHUT_WR)
+        got = recv_until_eof(client, timeout=10)
+        assert client.recv(1) == b""  # EOF stays EOF
+    assert sha256(got) == sha256(reply)
+    upstream.join()
+    assert requests == [request]
+    line = proxy.conn_line(peer)
+    assert (line["up"], line["down"], line["reason"]) == (str(len(request)), str(len(reply)), "EOF")
+
+
+# -- 3. upstream refused ------------------------------------------------------------------------
+def test_upstream_refused_closes_the_client_and_the_proxy_keeps_serving(upstreams, start_proxy):
+    dead = free_port()  # nothing listens here
+    proxy = start_proxy(f"127.0.0.1:{dead}", stats=True)
+    for attempt in (1, 2):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client:
+            client.settimeout(2)
+            t0 = time.monotonic()
+            try:
+                assert client.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            assert time.monotonic() - t0 < 2
+        proxy.wait_log(r" WARNING conn \d+ \S+ -> \S+: upstream connect failed: ", count=attempt)
+        assert proxy.proc.poll() is None
+        st = proxy.wait_stats(failed_connects=attempt)
+        assert (st["accepted"], st["live"], st["finished"]) == (attempt, 0, 0)
+    # the same proxy proxies once the upstream is there
+    upstreams(port=dead)
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client:
+        ping(client)
+    proxy.wait_stats(accepted=3, failed_connects=2, finished=1, live=0)
+
+
+def test_connect_timeout_closes_the_client(upstreams, start_proxy):
+    # An upstream whose accept queue is full: the kernel drops further SYNs, so connects hang.
+    with socket.socket() as blocked:
+        blocked.bind(("127.0.0.1", 0))
+        blocked.listen(0)
+        addr = blocked.getsockname()
+        fillers = []
+        try:
+            for _ in range(3):
+                f = socket.socket()
+                f.setblocking(False)
+                f.connect_ex(addr)
+                fillers.append(f)
+            time.sleep(0.1)
+            with socket.socket() as probe:
+                probe.settimeout(0.3)
+                try:
+                    probe.connect(addr)
+                    pytest.skip("this kernel completes connects to a full accept queue")
+                except TimeoutError:
+                    pass
+            proxy = start_proxy(hostport(*addr), "--connect-timeout", "0.5", stats=True)
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client:
+                client.settimeout(5)
+                t0 = time.monotonic()
+                try:
+                    assert client.recv(1) == b""
+                except ConnectionResetError:
+                    pass
+                waited = time.monotonic() - t0
+            assert 0.4 <= waited <= 3.0, waited
+            proxy.wait_log(r" WARNING conn 1 \S+ -> \S+: upstream connect failed: connect timed out")
+            st = proxy.wait_stats(failed_connects=1)
+            assert (st["accepted"], st["connecting"], st["live"], st["finished"]) == (1, 0, 0, 0)
+            assert proxy.proc.poll() is None
+        finally:
+            for f in fillers:
+                f.close()
+
+
+# -- 4. --idle ------------------------------------------------------------------------------------
+def test_idle_closes_a_silent_connection_but_not_a_trickling_one(upstreams, start_proxy):
+    upstream = upstreams()
+    proxy = start_proxy(upstream.addr, "--idle", "0.5")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as silent:
+        t0 = time.monotonic()
+        silent.settimeout(5)
+        assert silent.recv(1) == b""
+        waited = time.monotonic() - t0
+        peer = sockname(silent)
+    assert 0.45 <= waited <= 3.0, waited
+    line = proxy.conn_line(peer)
+    assert (line["up"], line["down"], line["reason"]) == ("0", "0", "IDLE")
+
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as busy:
+        peer = sockname(busy)
+        for _ in range(8):  # ~1 s of traffic, never 0.5 s quiet
+            ping(busy, b"x")
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        busy.settimeout(5)
+        assert busy.recv(1) == b""
+        assert 0.3 <= time.monotonic() - t0 <= 3.0
+    line = proxy.conn_line(peer)
+    assert (line["up"], line["down"], line["reason"]) == ("8", "8", "IDLE")
+
+
+# -- 5. --max-conns ---------------------------------------------------------------------------------
+def test_max_conns_leaves_the_third_in_the_backlog_until_one_ends(upstreams, start_proxy):
+    upstream = upstreams()
+    proxy = start_proxy(upstream.addr, "--max-conns", "2", stats=True)
+    clients = [socket.create_connection(("127.0.0.1", proxy.port), timeout=5) for _ in range(3)]
+    try:
+        wait_until(lambda: upstream.accepted >= 2, 5, "two upstream connections")
+        st = proxy.wait_stats(live=2)
+        time.sleep(0.5)  # would the third sneak through?
+        assert upstream.accepted == 2
+        st = proxy.stats()["connections"]
+        assert (st["accepted"], st["live"], st["connecting"]) == (2, 2, 0)
+        ping(clients[0])
+        ping(clients[1])
+
+        clients[0].close()
+        wait_until(lambda: upstream.accepted == 3, 5, "the third upstream connection")
+        proxy.wait_stats(live=2, accepted=3, finished=1)
+        ping(clients[2])
+        ping(clients[1])
+    finally:
+        for c in clients:
+            c.close()
+    proxy.wait_stats(live=0, accepted=3, finished=3)
+
+
+# -- 6. many short connections, no fd growth --------------------------------------------------------
+def test_1000_short_connections_do_not_grow_the_fd_table(upstreams, start_proxy):
+    upstream = upstreams()
+    proxy = start_proxy(upstream.addr, "--workers", "2", stats=True)
+    payload = os.urandom(100)
+
+    def one() -> None:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as c:
+            c.sendall(payload)
+            assert recv_exact(c, len(payload), timeout=5) == payload
+
+    def settled_fds() -> int:
+        previous = -1
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # a /stats request's own socket may still be closing
+            count = proxy.fd_count()
+            if count == previous:
+                return count
+            previous = count
+            time.sleep(0.1)
+        pytest.fail("the proxy's fd count never settled")
+
+    warm_up = 20
+    for _ in range(warm_up):
+        one()
+    proxy.wait_stats(finished=warm_up, live=0)
+    before = settled_fds()
+
+    t0 = time.monotonic()
+    for _ in range(1000):
+        one()
+    wall = time.monotonic() - t0
+    proxy.wait_stats(timeout=10, finished=warm_up + 1000, live=0, accepted=warm_up + 1000)
+    after = settled_fds()
+    print(f"\nproxy fds: {before} before, {after} after 1000 connections; wall {wall:.2f} s")
+    # A worker may keep a few idle pipes cached for reuse (2 fds each); more than +4 is a leak.
+    assert after <= before + 4, (before, after)
+    lines = proxy.conn_lines()
+    assert len(lines) == warm_up + 1000
+    assert {line["reason"] for line in lines} == {"EOF"}
+    assert {(line["up"], line["down"]) for line in lines} == {("100", "100")}
+    assert not upstream.errors
+
+
+# -- 7. SIGTERM ----------------------------------------------------------------------------------------
+def test_sigterm_with_a_live_idle_connection_closes_it_after_grace(upstreams, start_proxy):
+    upstream = upstreams()
+    proxy = start_proxy(upstream.addr, "--grace", "1")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client:
+        peer = sockname(client)
+        ping(client)
+        t0 = time.monotonic()
+        proxy.signal(signal.SIGTERM)
+        proxy.wait_log(r" INFO stopping: 1 connection\(s\) live")
+        with pytest.raises(ConnectionRefusedError):  # the listener is closed at once
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=2).close()
+        rc = proxy.wait(timeout=1 + 3)
+        elapsed = time.monotonic() - t0
+        client.settimeout(2)
+        try:
+            assert client.recv(1) == b""
+        except ConnectionResetError:
+            pass
+    assert rc == 0
+    assert elapsed >= 0.9, f"exited after {elapsed:.2f} s, before the 1 s grace"
+    log = proxy.log()
+    assert "stopping" in log
+    line = proxy.conn_line(peer, timeout=0)
+    assert line["reason"] == "POOL_CLOSED"
+    assert "stopped after 1 connection(s)" in log
+
+
+def test_sigterm_lets_a_live_connection_finish_within_grace(upstreams, start_proxy):
+    upstream = upstreams()
+    proxy = start_proxy(upstream.addr, "--grace", "10")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client:
+        peer = sockname(client)
+        ping(client)
+        proxy.signal(signal.SIGTERM)
+        proxy.wait_log(r" INFO stopping: 1 connection\(s\) live")
+        ping(client, b"still flowing")
+    t0 = time.monotonic()
+    assert proxy.wait(timeout=3) == 0
+    assert time.monotonic() - t0 < 3
+    line = proxy.conn_line(peer, timeout=0)
+    assert (line["up"], line["down"], line["reason"]) == ("17", "17", "EOF")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_with_no_connection_exits_0_quickly(upstreams, start_proxy, signum):
+    upstream = upstreams()
+    proxy = start_proxy(upstream.addr)
+    t0 = time.monotonic()
+    proxy.signal(signum)
+    assert proxy.wait(timeout=3) == 0
+    assert time.monotonic() - t0 < 3
+    log = proxy.log()
+    assert "stopping: 0 connection(s) live" in log
+    assert "stopped after 0 connection(s)" in log
+
+
+# -- 8. --processes -------------------------------------------------------------------------------------
+def test_two_processes_both_serve_and_sigterm_leaves_no_child(upstreams, start_proxy):
+    upstream = upstreams()
+    proxy = start_proxy(upstream.addr, "--workers", "1", processes=2)
+    n = 40
+    for i in range(n):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as c:
+            ping(c, b"%d" % i)
+    wait_until(lambda: len(proxy.conn_lines()) >= n, 5, f"{n} conn log lines")
+    lines = proxy.conn_lines()
+    assert len(lines) == n
+    pids = {int(line["pid"]) for line in lines}
+    assert len(pids) == 2, pids
+    assert proxy.pid not in pids
+    listening_pids = set(map(int, re.findall(r"^\S+ \S+ (\d+) INFO listening on ", proxy.log(), re.M)))
+    assert listening_pids == pids
+
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait(timeout=5) == 0
+    time.sleep(0.2)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert len(re.findall(r" INFO stopped after \d+ connection\(s\)", proxy.log())) == 2
+
+
+# -- 9. --stats-listen ------------------------------------------------------------------------------------
+def test_stats_and_metrics_count_finished_connections(upstreams, start_proxy):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    upstream = upstreams()
+    proxy = start_proxy(upstream.addr, stats=True)
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as c:
+            ping(c, b"x" * 100)
+
+    def scrape() -> dict[tuple[str, tuple], float]:
+        text = http_get(proxy.stats_port, "/metrics")
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    samples: dict = {}
+
+    def finished() -> bool:
+        nonlocal samples
+        samples = scrape()
+        return samples.get(("splicepool_connections_finished_total", ())) == 5
+
+    wait_until(finished, 5, "connections_finished_total == 5")
+    assert samples[("splicepool_connections_accepted_total", ())] == 5
+    assert samples[("splicepool_connections_finished_total", ())] == 5
+    assert samples[("splicepool_connections_live", ())] == 0
+    assert samples[("splicepool_connections_connecting", ())] == 0
+    assert samples[("splicepool_upstream_connect_failures_total", ())] == 0
+    assert samples[("splicepool_connection_bytes_total", (("direction", "up"),))] == 500
+    assert samples[("splicepool_connection_bytes_total", (("direction", "down"),))] == 500
+    assert samples[("splicepool_connections_ended_total", (("reason", "EOF"),))] == 5
+
+    st = proxy.stats()
+    conns = st["connections"]
+    assert (conns["accepted"], conns["finished"], conns["live"]) == (5, 5, 0)
+    assert (conns["bytes_up"], conns["bytes_down"], conns["reasons"]) == (500, 500, {"EOF": 5})
+    assert st["pool"]["live"] == 0
+    assert isinstance(st["pool"]["workers"], list)
+
+
+# -- 10. arguments, --help, IPv6 ------------------------------------------------------------------------
+def run_cli(*args: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
+    """Run the CLI to completion; one still running after ``timeout`` is killed (returncode None)."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "splicepool", "proxy", *args],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            rc = None
+    return subprocess.CompletedProcess(proc.args, rc, out, err)
+
+
+def test_help_mentions_every_option_and_an_example():
+    done = run_cli("--help")
+    assert done.returncode == 0, done.stderr
+    for option in (
+        "--listen", "--connect", "--workers", "--idle", "--max-conns", "--connect-timeout",
+        "--nodelay", "--pipe-size", "--reuse-port", "--processes", "--grace",
+        "--stats-listen", "--log-level",
+    ):
+        assert option in done.stdout, option
+    assert "example" in done.stdout
+    assert "python -m splicepool proxy --listen" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("listen", "message"),
+    [
+        ("nonsense", "expected HOST:PORT"),
+        ("::1:80", "brackets"),
+        ("127.0.0.1:65536", "0 to 65535"),
+        ("[::1:80", "expected [IPV6]:PORT"),
+    ],
+)
+def test_bad_listen_exits_2_with_a_message(listen, message):
+    done = run_cli("--listen", listen, "--connect", "127.0.0.1:1")
+    assert done.returncode == 2, done
+    assert "--max-conns" in done.stderr
+    assert "--listen" in done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no ::1")
+def test_ipv6_listen_and_connect(upstreams, start_proxy):
+    upstream = upstreams(host="::1")
+    proxy = start_proxy(f"[::1]:{upstream.port}", listen_host="::1")
+    data = os.urandom(200_000)
+    with socket.create_connection(("::1", proxy.port), timeout=5) as client:
+        peer = sockname(client)
+        sender = send_in_thread(client, data, shut=True)
+        got = recv_until_eof(client, timeout=10)
+        sender.join(10)
+    assert got == data
+    line = proxy.conn_line(peer)
+    assert peer.startswith("[::1]:")
+    assert line["upstream"] == f"[::1]:{upstream.port}"
+    assert (line["up"], line["down"], line["reason"]) == (str(len(data)), str(len(data)), "EOF")
+    assert f"listening on [::1]:{proxy.port}" in proxy.log()
+
+
+# -- bad command lines: usage errors and one-line failures, never a traceback --------------------
+def test_negative_max_conns_is_a_usage_error():
+    done = run_cli(
+        "--listen", "127.0.0.1:0", "--connect", "127.0.0.1:1", "--max-conns", "-1", timeout=3
+    )
+    assert done.returncode == 2, done
+    assert "--max-conns" in done.stderr
+
+
+def test_too_small_pipe_size_is_a_usage_error():
+    done = run_cli("--listen", "127.0.0.1:0", "--connect", "127.0.0.1:1", "--pipe-size", "0")
+    assert (done.returncode, "Traceback" in done.stderr) == (2, False), done.stderr
+    assert "--pipe-size" in done.stderr
+
+
+def test_listen_address_in_use_is_one_line_not_a_traceback():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli("--listen", f"127.0.0.1:{port}", "--connect", "127.0.0.1:1")
+    assert done.returncode != 0
+    assert "Address already in use" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
