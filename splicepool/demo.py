@@ -5,16 +5,15 @@ Three parties run in this one process, all on 127.0.0.1:
 * an **upstream** server: each connection sends ``"<id> <size> <flag>\\n"`` and some
   upload bytes; the upstream answers with ``size`` deterministic pseudo-random
   bytes while it hashes everything it receives (with flag 1: once the upload ended);
-* a **proxy** whose accept thread only connects to the upstream and splices the
-  two sockets together, client → upstream and upstream → client, on one
-  ``SplicePool``. When a direction ends by EOF, its drain is shut for writing
-  (``SHUT_WR``) so the peer sees the FIN; any other end aborts the other
-  direction; when both have ended, both sockets are closed. (This is what
-  ``pool.proxy()`` does for you; it is spelled out here to show the core API.)
-  A second proxy lane splices with ``idle=``, a third with ``max=``;
+* three **proxy lanes** on one ``SplicePool``, each connecting to the upstream:
+  the main lane is ``splicepool.server.ProxyServer``, the proxy that
+  ``python -m splicepool proxy`` runs (``pool.proxy()`` per connection: two splices,
+  the half-close forwarded); the idle lane calls ``pool.proxy(..., idle=1.0)``
+  itself; the capped lane, request/response, splices the upload and then the
+  download with ``max=``, one after the other, with ``pool.splice()``;
 * **clients**, run concurrently: each uploads, downloads, and hashes. Of the
   default 8, three are big (``--size`` MiB each way), three small, one goes
-  through the ``max=`` lane and one says nothing on the ``idle=`` lane.
+  through the capped lane and one says nothing on the idle lane.
 
 It prints live progress, then one row per splice, per-worker load and a check
 that every byte arrived intact both ways. Exit status 0 when all checks pass.
@@ -23,6 +22,7 @@ that every byte arrived intact both ways. Exit status 0 when all checks pass.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import itertools
 import random
@@ -34,7 +34,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import EndReason, Splice, SplicePool
+from . import EndReason, Proxy, Splice, SplicePool
+from .server import ProxyServer
 
 HOST = "127.0.0.1"
 MiB = 1 << 20
@@ -43,6 +44,7 @@ IDLE = 1.0  # the idle lane's timeout (seconds)
 CAP = 3 * MiB  # the capped lane's max= on the download direction
 DIRS = {"up": "client->upstream", "down": "upstream->client"}
 Key = tuple[int, str]  # (connection id, "up" or "down")
+Relay = dict[str, Splice]  # a proxied connection's splices: "up" and "down"
 
 
 def payload(cid: int, direction: str, size: int) -> Iterator[memoryview]:
@@ -72,20 +74,24 @@ def digest(chunks: Iterable[bytes | memoryview]) -> tuple[int, str]:
 
 @dataclass
 class Ledger:
-    """What each end sent and received, as (bytes, sha256), by (connection id, direction)."""
+    """What each end sent and received, as (bytes, sha256), and what each proxy lane relayed."""
 
     sent: dict[Key, tuple[int, str]] = field(default_factory=dict)
     got: dict[Key, tuple[int, str]] = field(default_factory=dict)
+    started: dict[int, float] = field(default_factory=dict)  # connection id -> client connected
+    ended: dict[Key, float] = field(default_factory=dict)  # when the receiver saw the EOF
     cid_of_port: dict[int, int] = field(default_factory=dict)  # client's local port -> id
+    relays: dict[int, Relay] = field(default_factory=dict)  # client's local port -> splices
     errors: list[str] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
+    cond: threading.Condition = field(default_factory=threading.Condition)
 
     def spawn(self, fn: Callable[..., None], *args: Any) -> threading.Thread:
         def run() -> None:
             try:
                 fn(*args)
             except Exception as exc:
-                self.errors.append(f"{fn.__name__}: {exc!r}")
+                self.errors.append(f"{getattr(fn, '__name__', fn)}: {exc!r}")
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
@@ -109,11 +115,21 @@ class Ledger:
         while k := sock.recv_into(buf):
             h.update(view[:k])
             n += k
-        self.got[key] = (n, h.hexdigest())
+        self.got[key], self.ended[key] = (n, h.hexdigest()), time.monotonic()
+
+    def relayed(self, port: int, up: Splice, down: Splice) -> None:
+        """A lane is done with the client at ``port``: both splices ended, both sockets closed."""
+        with self.cond:
+            self.relays[port] = {"up": up, "down": down}
+            self.cond.notify_all()
+
+    def wait_relays(self, n: int, deadline: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: len(self.relays) >= n, max(0.0, deadline - time.monotonic()))
 
 
-def listen(handler: Callable[[socket.socket, int], None]) -> socket.socket:
-    """A loopback listener whose one accept thread calls ``handler(conn, peer_port)``."""
+def listen(ledger: Ledger, handler: Callable[[socket.socket, int], None]) -> socket.socket:
+    """A loopback listener that runs ``handler(conn, peer_port)`` in a thread per connection."""
     listener = socket.create_server((HOST, 0))
 
     def accept_loop() -> None:
@@ -122,7 +138,7 @@ def listen(handler: Callable[[socket.socket, int], None]) -> socket.socket:
                 conn, peer = listener.accept()
             except OSError:
                 return  # the listener was shut
-            handler(conn, peer[1])
+            ledger.spawn(handler, conn, peer[1])
 
     threading.Thread(target=accept_loop, daemon=True).start()
     return listener
@@ -152,6 +168,7 @@ def make_plans(connections: int, size: int) -> list[Plan]:
 
 def run_client(plan: Plan, port: int, ledger: Ledger, timeout: float) -> None:
     with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        ledger.started[plan.cid] = time.monotonic()
         ledger.cid_of_port[sock.getsockname()[1]] = plan.cid
         if plan.lane == "idle":  # say nothing; the proxy's idle timer must close us
             ledger.receive(sock, (plan.cid, "down"))
@@ -174,10 +191,10 @@ class Upstream:
 
     def __init__(self, ledger: Ledger, timeout: float) -> None:
         self.ledger, self.timeout = ledger, timeout
-        self.listener = listen(lambda conn, _port: ledger.spawn(self._serve, conn))
+        self.listener = listen(ledger, self._serve)
         self.port = self.listener.getsockname()[1]
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, _port: int) -> None:
         conn.settimeout(self.timeout)
         with conn:
             head = b""
@@ -201,109 +218,38 @@ class Upstream:
             pass  # the capped lane cuts us off after max= bytes; elsewhere the checks see it
 
 
-@dataclass
-class Relay:
-    """One proxied connection: its sockets, its two splices and when they ended."""
-
-    port: int  # the client's port: tells which client this is
-    client: socket.socket
-    upstream: socket.socket
-    started: float
-    splices: dict[str, Splice] = field(default_factory=dict)
-    ended: dict[str, float] = field(default_factory=dict)
-    aborted: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    closed: threading.Event = field(default_factory=threading.Event)
+def idle_lane(pool: SplicePool, upstream: int, ledger: Ledger, client: socket.socket, port: int) -> None:
+    """``pool.proxy(idle=)``: the pool owns and closes both sockets (it detaches these objects)."""
+    with client, socket.create_connection((HOST, upstream)) as up:  # closed here only on failure
+        relay = pool.proxy(client, up, idle=IDLE)
+    relay.add_done_callback(lambda r: ledger.relayed(port, r.forward, r.reverse))
 
 
-class Proxy:
-    """A listener whose one accept thread connects upstream and hands both sockets to the pool."""
-
-    def __init__(self, pool: SplicePool, upstream: int, lane: str,
-                 idle: float | None = None, max_down: int = 0) -> None:
-        self.pool, self.upstream, self.lane = pool, upstream, lane
-        self.idle, self.max_down = idle, max_down
-        self.relays: list[Relay] = []
-        self.errors: list[str] = []
-        self.listener = listen(self._accept)
-        self.port = self.listener.getsockname()[1]
-
-    def _accept(self, client: socket.socket, port: int) -> None:
-        """In the accept thread: connect upstream, splice both ways, and get back to accepting."""
-        try:
-            upstream = socket.create_connection((HOST, self.upstream))
-        except OSError as exc:
-            self.errors.append(f"proxy {self.lane}: {exc!r}")
-            client.close()
-            return
-        relay = Relay(port, client, upstream, time.monotonic())
-        self.relays.append(relay)
-        try:
-            self._splice(relay, "up", client, upstream, 0)
-            self._splice(relay, "down", upstream, client, self.max_down)
-        except (OSError, RuntimeError) as exc:
-            self.errors.append(f"proxy {self.lane}: {exc!r}")
-            for sock in (client, upstream):  # a splice already made sees this and ends
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
-            relay.closed.set()
-
-    def _splice(self, relay: Relay, direction: str, src: socket.socket,
-                dst: socket.socket, max: int) -> None:
-        sp = self.pool.splice(src, dst, max=max, idle=self.idle)
-        with relay.lock:
-            relay.splices[direction] = sp
-            aborted = relay.aborted
-        sp.add_done_callback(lambda sp: self._ended(relay, direction, sp))
-        if aborted:  # the other direction already ended badly
-            _unsplice(sp)
-
-    @staticmethod
-    def _ended(relay: Relay, direction: str, sp: Splice) -> None:
-        """Done callback, in a worker thread: forward the FIN, or abort; close when both are done."""
-        if sp.reason is EndReason.EOF:
-            try:
-                sp.drain.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass  # the peer is gone already
-        other = None
-        with relay.lock:
-            relay.ended[direction] = time.monotonic()
-            if sp.reason is not EndReason.EOF and not relay.aborted:
-                relay.aborted = True
-                other = relay.splices.get("down" if direction == "up" else "up")
-            finished = len(relay.ended) == 2
-        if other is not None:
-            _unsplice(other)
-        if finished:
-            relay.client.close()
-            relay.upstream.close()
-            relay.closed.set()
+def capped_lane(pool: SplicePool, upstream: int, ledger: Ledger, timeout: float,
+                client: socket.socket, port: int) -> None:
+    """``proxy()`` has no ``max=``; request/response needs no relay: two splices in turn."""
+    with client, socket.create_connection((HOST, upstream)) as up:
+        upload = pool.splice(client, up)
+        upload.wait(timeout)  # EOF: the client's request is complete
+        up.shutdown(socket.SHUT_WR)  # pass its FIN on: the upstream answers now
+        download = pool.splice(up, client, max=CAP)
+        download.wait(timeout)  # MAX: the rest of the answer stays unread, and is reset
+    ledger.relayed(port, upload, download)
 
 
-def _unsplice(sp: Splice) -> None:
-    try:
-        sp.unsplice()
-    except (OSError, RuntimeError):
-        pass  # it has ended meanwhile, or the pool is closing
-
-
-def watch(pool: SplicePool, clients: list[threading.Thread], deadline: float) -> bool:
+def watch(server: ProxyServer, clients: list[threading.Thread], deadline: float) -> bool:
     """Show progress until every client is done; False if the deadline passed first."""
     tty = sys.stdout.isatty()
     period = 0.25 if tty else 1.0
     last = [0, time.monotonic()]  # bytes and time of the previous line
 
     def show() -> None:
-        now, stats = time.monotonic(), pool.stats()
-        rate = (stats["bytes"] - last[0]) / max(now - last[1], 1e-3) / MiB
-        last[:] = stats["bytes"], now
-        done = sum(not t.is_alive() for t in clients)
-        line = (f"  {stats['bytes'] / MiB:9.1f} MiB moved  {rate:8.1f} MiB/s  "
-                f"{stats['live']:3d} live splices  {done}/{len(clients)} clients done")
+        now, stats = time.monotonic(), server.stats()
+        conns, pool = stats["connections"], stats["pool"]
+        rate = (pool["bytes"] - last[0]) / max(now - last[1], 1e-3) / MiB
+        last[:] = pool["bytes"], now
+        line = (f"  server connections {conns['live']:3d} live {conns['finished']:3d} finished  "
+                f"{pool['bytes'] / MiB:9.1f} MiB moved  {rate:8.1f} MiB/s  {pool['live']:3d} live splices")
         print("\r" + line if tty else line, end="" if tty else "\n", flush=True)
 
     tick = time.monotonic() + period
@@ -318,15 +264,14 @@ def watch(pool: SplicePool, clients: list[threading.Thread], deadline: float) ->
     return not alive
 
 
-def check(plans: list[Plan], relays: dict[int, Relay], ledger: Ledger) -> list[str]:
+def check(plans: list[Plan], relays: dict[int, Relay], ledger: Ledger, server: ProxyServer) -> list[str]:
     """Every way a byte could have gone missing; an empty list means all is well."""
     bad = list(ledger.errors)
     for p in plans:
-        relay = relays.get(p.cid)
-        if relay is None or len(relay.ended) < 2:
+        sps = relays.get(p.cid)
+        if sps is None:
             bad.append(f"conn {p.cid}: the proxy never finished it")
             continue
-        sps = relay.splices
         if p.lane == "idle":
             reasons = {sps[d].reason for d in DIRS}
             if EndReason.IDLE not in reasons or any(sps[d].transferred for d in DIRS):
@@ -347,20 +292,21 @@ def check(plans: list[Plan], relays: dict[int, Relay], ledger: Ledger) -> list[s
                 bad.append(f"conn {p.cid} {DIRS[d]}: transferred {sp.transferred} != {want[0]} sent")
             if sp.reason is not reason or sp.dropped:
                 bad.append(f"conn {p.cid} {DIRS[d]}: ended {sp.reason}, dropped {sp.dropped}")
+    main = [relays[p.cid] for p in plans if p.lane == "main" and p.cid in relays]
+    conns = server.stats()["connections"]
+    counted = (conns["finished"], conns["bytes_up"], conns["bytes_down"])
+    if counted != (len(main), sum(r["up"].transferred for r in main), sum(r["down"].transferred for r in main)):
+        bad.append(f"server counters (finished, bytes up, bytes down) {counted} differ from its relays")
     return bad
 
 
-def report(pool: SplicePool, plans: list[Plan], relays: dict[int, Relay], wall: float) -> None:
+def report(pool: SplicePool, plans: list[Plan], relays: dict[int, Relay], ledger: Ledger, wall: float) -> None:
     print(f"\n{'conn':>4}  {'lane':<6}  {'direction':<16}  {'bytes':>13}  {'MiB/s':>8}  "
           f"{'reason':<9}  {'worker':>6}  mode")
     total = 0
     for p in plans:
-        relay = relays.get(p.cid)
-        for d in DIRS if relay else ():
-            sp = relay.splices.get(d)
-            if sp is None:
-                continue
-            secs = relay.ended.get(d, time.monotonic()) - relay.started
+        for d, sp in relays.get(p.cid, {}).items():  # MiB/s: from the client's connect to the EOF
+            secs = ledger.ended.get((p.cid, d), time.monotonic()) - ledger.started[p.cid]
             reason = sp.reason.name if sp.reason else "(live)"
             mode = "zero-copy" if sp.zero_copy else "copy"
             total += sp.transferred
@@ -376,14 +322,18 @@ def report(pool: SplicePool, plans: list[Plan], relays: dict[int, Relay], wall: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m splicepool.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--connections", type=int, default=8, metavar="N", help="clients (default 8)")
-    parser.add_argument("--size", type=int, default=768, metavar="MIB",
-                        help="MiB each way for the big connections (default 768)")
+    parser.add_argument("--connections", type=int, metavar="N", help="clients (default 8; --big: 16)")
+    parser.add_argument("--size", type=int, metavar="MIB",
+                        help="MiB each way for the big connections (default 768; --big: 4096)")
     parser.add_argument("--workers", type=int, default=None, metavar="N", help="pool workers (default: CPUs)")
     parser.add_argument("--copy", action="store_true", help="force the copy path (no os.splice)")
-    parser.add_argument("--seconds", type=float, default=45.0, metavar="S",
-                        help="give up after S seconds and exit 1 (default 45)")
+    parser.add_argument("--seconds", type=float, metavar="S",
+                        help="give up after S seconds and exit 1 (default 45; --big: 300)")
+    parser.add_argument("--big", action="store_true", help="a bigger, longer run (defaults in brackets)")
     args = parser.parse_args(argv)
+    for name, normal, big in (("connections", 8, 16), ("size", 768, 4096), ("seconds", 45.0, 300.0)):
+        if getattr(args, name) is None:
+            setattr(args, name, big if args.big else normal)
     if args.connections < 1 or args.size < 1:
         parser.error("--connections and --size must be at least 1")
 
@@ -393,42 +343,44 @@ def main(argv: list[str] | None = None) -> int:
     plans = make_plans(args.connections, args.size)
     pool = SplicePool(workers=args.workers, zero_copy=False if args.copy else None)
     upstream = Upstream(ledger, args.seconds)
-    lanes = {"main": Proxy(pool, upstream.port, "main"),
-             "idle": Proxy(pool, upstream.port, "idle", idle=IDLE),
-             "capped": Proxy(pool, upstream.port, "capped", max_down=CAP)}
+
+    def server_finished(_id: int, peer: str, relay: Proxy) -> None:
+        ledger.relayed(int(peer.rpartition(":")[2]), relay.forward, relay.reverse)
+
+    server = ProxyServer((HOST, 0), (HOST, upstream.port), pool=pool, on_finished=server_finished)
+    serving = threading.Thread(target=server.serve_forever, args=(0.2,), daemon=True)
+    serving.start()
+    lanes = {"idle": listen(ledger, functools.partial(idle_lane, pool, upstream.port, ledger)),
+             "capped": listen(ledger, functools.partial(capped_lane, pool, upstream.port, ledger, args.seconds))}
+    ports = {"main": server.address[1]} | {lane: sock.getsockname()[1] for lane, sock in lanes.items()}
     volume = sum(p.up + p.down for p in plans) / MiB
-    print(f"splicepool demo: {len(plans)} connections, {volume:.0f} MiB through a proxy on "
-          f"{pool.workers} workers ({'copy' if args.copy else 'zero-copy where possible'})")
+    print(f"splicepool demo: {len(plans)} connections, {volume:.0f} MiB through a ProxyServer and "
+          f"two more lanes on {pool.workers} workers ({'copy' if args.copy else 'zero-copy where possible'})")
     try:
-        clients = [ledger.spawn(run_client, p, lanes[p.lane].port, ledger, args.seconds)
-                   for p in plans]
-        finished = watch(pool, clients, deadline)
-        # Clients are done; let the relays close and the upstream record what it got.
-        relays = {ledger.cid_of_port.get(r.port, -r.port): r
-                  for proxy in lanes.values() for r in proxy.relays}
-        for relay in relays.values():
-            finished &= relay.closed.wait(max(0.0, deadline - time.monotonic()))
+        clients = [ledger.spawn(run_client, p, ports[p.lane], ledger, args.seconds) for p in plans]
+        finished = watch(server, clients, deadline)
+        finished &= ledger.wait_relays(len(plans), deadline)  # every lane has closed its sockets
         for thread in ledger.threads:  # upstream handlers too (the list may grow meanwhile)
             thread.join(max(0.0, deadline - time.monotonic()))
             finished &= not thread.is_alive()
-        for proxy in lanes.values():
-            ledger.errors.extend(proxy.errors)
-        wall = time.monotonic() - start
-        report(pool, plans, relays, wall)
-        bad = check(plans, relays, ledger)
-        if not finished:
-            bad.insert(0, f"TIMEOUT: not finished after {args.seconds:g} s")
-        elif pool.stats()["bytes"] != sum(sp.transferred for r in relays.values()
-                                          for sp in r.splices.values()):
-            bad.append("pool.stats()['bytes'] differs from the splices' transferred sum")
     finally:
-        pool.close(grace=0.2)
-        for listener in [upstream.listener] + [p.listener for p in lanes.values()]:
+        wall = time.monotonic() - start
+        server.stop()  # its loop closes the pool on the way out, ending what is left
+        serving.join()
+        pool.close(grace=0.2)  # a no-op unless the server's loop died
+        for listener in [upstream.listener, *lanes.values()]:
             try:
                 listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
             except OSError:
                 pass
             listener.close()
+    relays = {ledger.cid_of_port.get(port, -port): sps for port, sps in list(ledger.relays.items())}
+    report(pool, plans, relays, ledger, wall)
+    bad = check(plans, relays, ledger, server)
+    if not finished:
+        bad.insert(0, f"TIMEOUT: not finished after {args.seconds:g} s")
+    elif pool.stats()["bytes"] != sum(sp.transferred for sps in relays.values() for sp in sps.values()):
+        bad.append("pool.stats()['bytes'] differs from the splices' transferred sum")
     for line in bad:
         print("FAILED:", line)
     if not bad:

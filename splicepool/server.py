@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,7 +86,13 @@ class _Conn:
 
 
 class ProxyServer:
-    """Accept on ``listen``, connect to ``connect``, splice the two with ``pool.proxy``."""
+    """Accept on ``listen``, connect to ``connect``, splice the two with ``pool.proxy``.
+
+    ``on_finished(conn_id, peer, relay)``, if given, is called once per proxied
+    connection after it has ended and been counted and logged, with the ``Proxy``
+    (``relay.forward`` is client → upstream). It runs in the server's loop thread,
+    so keep it short; an exception it raises is logged, not fatal.
+    """
 
     def __init__(
         self,
@@ -100,8 +107,10 @@ class ProxyServer:
         reuse_port: bool = False,
         backlog: int = 1024,
         listener: socket.socket | None = None,
+        on_finished: Callable[[int, str, Proxy], None] | None = None,
     ) -> None:
         self.pool = pool
+        self.on_finished = on_finished
         self.idle = idle
         self.max_conns = max_conns
         self.connect_timeout = connect_timeout
@@ -332,6 +341,11 @@ class ProxyServer:
             reason,
             error,
         )
+        if self.on_finished is not None:
+            try:
+                self.on_finished(conn.id, conn.peer, relay)
+            except Exception:
+                log.exception("conn %d: on_finished callback failed", conn.id)
 
     # -- stopping ------------------------------------------------------------------
     def _begin_stop(self) -> None:
