@@ -357,12 +357,8 @@ class Worker:
         dst = sp._dst
         woke_for_drain = sp._wait_drain
         if mover.pending:
-            try:
-                sp.transferred += mover.push(dst)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                return self._end(sp, EndReason.ERROR, _side_error(exc, dst.label), drop=True)
+            if not self._push(sp, mover, dst):
+                return _ENDED
             if mover.pending:
                 return _WAIT_DRAIN
         if dst.connecting and not self._drain_connected(sp):
@@ -413,18 +409,25 @@ class Worker:
                 mover.release()
                 return self._end(sp, EndReason.EOF, None)
             sp.taken += got
-            try:
-                sp.transferred += mover.push(dst)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                return self._end(sp, EndReason.ERROR, _side_error(exc, dst.label), drop=True)
+            if not self._push(sp, mover, dst):
+                return _ENDED
             if mover.pending:
                 return _WAIT_DRAIN
             budget -= got
             if budget <= 0:
                 mover.release()
                 return _REQUEUE
+
+    def _push(self, sp: Splice, mover: Any, dst: Any) -> bool:
+        """Hand the mover's bytes to the drain; False if the drain failed (sp is then ended)."""
+        try:
+            sp.transferred += mover.push(dst)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self._end(sp, EndReason.ERROR, _side_error(exc, dst.label), drop=True)
+            return False
+        return True
 
     def _drain_space(self, dst: Any) -> tuple[int, int]:
         """(free bytes in the drain's send buffer now, low-water mark) - an estimate."""

@@ -19,6 +19,7 @@ import time
 
 import pytest
 from conftest import (
+    Collector,
     Link,
     recv_available,
     recv_exact,
@@ -88,64 +89,6 @@ def socket_inodes() -> set[int]:
         if target.startswith("socket:["):
             found.add(int(target[8:-1]))
     return found
-
-
-class Collector:
-    """Read a socket in a thread into ``data`` until EOF or ``stop()``; optionally slowly.
-
-    Uses poll + MSG_DONTWAIT, so it never changes the socket's timeout (a sender
-    thread may be using the same socket object).
-    """
-
-    def __init__(self, sock: socket.socket, chunk: int = 1 << 20, delay: float = 0.0) -> None:
-        self.sock = sock
-        self.chunk = chunk
-        self.delay = delay
-        self.data = bytearray()
-        self.eof = False
-        self.error: BaseException | None = None
-        self.finished = False
-        self.cond = threading.Condition()
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            p = select.poll()
-            p.register(self.sock, select.POLLIN)
-            while not self._stop.is_set():
-                if not p.poll(50):
-                    continue
-                try:
-                    chunk = self.sock.recv(self.chunk, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    continue
-                if not chunk:
-                    self.eof = True
-                    return
-                with self.cond:
-                    self.data += chunk
-                    self.cond.notify_all()
-                if self.delay:
-                    time.sleep(self.delay)
-        except (OSError, ValueError) as exc:
-            self.error = exc
-        finally:
-            with self.cond:
-                self.finished = True
-                self.cond.notify_all()
-
-    def wait_for(self, n: int, timeout: float = 15.0) -> bool:
-        with self.cond:
-            self.cond.wait_for(lambda: len(self.data) >= n or self.finished, timeout)
-            return len(self.data) >= n
-
-    def stop(self) -> bytes:
-        self._stop.set()
-        self.thread.join(5)
-        assert not self.thread.is_alive()
-        return bytes(self.data)
 
 
 # -- fixtures ---------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import random
-import select
 import socket
 import struct
 import threading
@@ -16,6 +15,7 @@ import pytest
 from conftest import (
     BACKEND,
     GEVENT,
+    Collector,
     Link,
     fd_count,
     recv_exact,
@@ -68,54 +68,6 @@ def settle(sp, quiet: float = 0.2, timeout: float = 10.0) -> int:
             return now
         last = now
     raise AssertionError(f"still moving after {timeout} s: {sp!r}")
-
-
-class Collector:
-    """Read a socket in a thread into ``data`` until EOF or ``stop()`` (poll + MSG_DONTWAIT)."""
-
-    def __init__(self, sock: socket.socket, chunk: int = 1 << 20) -> None:
-        self.sock = sock
-        self.chunk = chunk
-        self.data = bytearray()
-        self.finished = False
-        self.cond = threading.Condition()
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            p = select.poll()
-            p.register(self.sock, select.POLLIN)
-            while not self._stop.is_set():
-                if not p.poll(50):
-                    continue
-                try:
-                    chunk = self.sock.recv(self.chunk, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    continue
-                if not chunk:
-                    return
-                with self.cond:
-                    self.data += chunk
-                    self.cond.notify_all()
-        except (OSError, ValueError):
-            pass
-        finally:
-            with self.cond:
-                self.finished = True
-                self.cond.notify_all()
-
-    def wait_for(self, n: int, timeout: float = 15.0) -> bool:
-        with self.cond:
-            self.cond.wait_for(lambda: len(self.data) >= n or self.finished, timeout)
-            return len(self.data) >= n
-
-    def stop(self) -> bytes:
-        self._stop.set()
-        self.thread.join(5)
-        assert not self.thread.is_alive()
-        return bytes(self.data)
 
 
 @pytest.fixture(params=["splice", "copy"])
