@@ -60,7 +60,10 @@ def check_idle(idle: Any) -> float | None:
         return None
     if isinstance(idle, bool) or not isinstance(idle, (int, float)):
         raise TypeError(f"idle must be seconds as a float or None, not {type(idle).__name__}")
-    return float(idle)
+    try:
+        return float(idle)
+    except OverflowError:
+        return math.inf if idle > 0 else -math.inf
 
 
 def validate_limits(max: int, idle: float | None) -> None:
@@ -95,7 +98,8 @@ class SockInfo:
     connected: bool
     connecting: bool
     tls: bool
-    label: str  # "fd 7 (127.0.0.1:5000 -> 127.0.0.1:40000)"
+    label: str  # "source fd 7 (127.0.0.1:5000 -> 127.0.0.1:40000)": role, fd, addresses
+    desc: str  # the same without the role: a socket can be a source and a drain at once
 
     @property
     def spliceable(self) -> bool:
@@ -133,7 +137,7 @@ def probe(obj: Any, fd: int, role: str) -> SockInfo:
     """Inspect ``fd``; raise EBADF if it is not open, ENOTSOCK if it is not a socket."""
     try:
         key = socket_key(fd)
-    except OSError as exc:
+    except (OSError, OverflowError) as exc:
         raise oserror(errno.EBADF, f"{role} fd {fd} is not an open file descriptor") from exc
     try:
         s = wrap(fd)
@@ -185,6 +189,7 @@ def _inspect(obj: Any, s: Any, fd: int, key: tuple[int, int], role: str) -> Sock
         connecting=connecting,
         tls=tls,
         label=f"{role} fd {fd} ({where})",
+        desc=f"fd {fd} ({where})",
     )
 
 

@@ -41,6 +41,7 @@ class Endpoint:
         "fd",
         "sock",
         "label",
+        "error",
         "dup",
         "owned",
         "adopted",
@@ -55,11 +56,12 @@ class Endpoint:
     def __init__(self, info: SockInfo, fd: int, dup: bool) -> None:
         self.key = info.key
         self.fd = fd
-        self.label = info.label
+        self.label = info.desc  # no role: it may be a source here and a drain there
         self.dup = dup  # fd is the pool's duplicate (closed by the pool)
         self.owned = False  # the caller handed the socket over: close its fd(s) too
         self.adopted: list[int] = []  # caller fds handed over besides self.fd
         self.refs = 0
+        self.error = 0  # a socket error a drain check took off the socket (SO_ERROR clears it)
         self.connecting = not info.connected
         self.outq = sys.platform.startswith("linux")  # SIOCOUTQ gives the drain's queue
         self.sndbuf = 0
@@ -243,11 +245,11 @@ class SplicePool:
         _checks.check_endpoint(src_info, accept_connecting=True)
         busy = self._sources.get(src_info.key)
         if busy is not None:
-            raise oserror(errno.EBUSY, f"{src_info.label} is already spliced (to {busy._dst.label})")
+            raise oserror(errno.EBUSY, f"{src_info.label} is already spliced (to drain {busy._dst.label})")
         _checks.check_endpoint(dst_info, accept_connecting=True)
         busy = self._drains.get(dst_info.key)
         if busy is not None:
-            raise oserror(errno.EBUSY, f"{dst_info.label} is already the drain of {busy._src.label}")
+            raise oserror(errno.EBUSY, f"{dst_info.label} is already the drain of source {busy._src.label}")
 
     def _prepare(
         self, src: Any, src_info: SockInfo, dst: Any, dst_info: SockInfo, close: bool
@@ -385,7 +387,7 @@ class SplicePool:
         with self._lock:
             self._check_open()
             if self._sources.get(sp._src.key) is not sp:
-                raise oserror(errno.ENOTCONN, f"{sp._src.label} is not spliced (as a source)")
+                raise oserror(errno.ENOTCONN, f"source {sp._src.label} is not spliced (as a source)")
             worker = self._workers[sp.worker]
             if worker is None or not worker.accepting:
                 return  # its worker is exiting and ends it
@@ -441,7 +443,7 @@ class SplicePool:
         fd = _checks.fileno_of(src, "source")
         try:
             key = _checks.socket_key(fd)
-        except OSError as exc:
+        except (OSError, OverflowError) as exc:
             raise oserror(errno.EBADF, f"source fd {fd} is not an open file descriptor") from exc
         with self._lock:
             sp = self._sources.get(key)

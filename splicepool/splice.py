@@ -167,7 +167,7 @@ class Splice:
         dst = self._dst.label if self._dst is not None else repr(self.drain)
         end = f" reason={self.reason.name}" if self.reason else ""
         return (
-            f"<Splice {src} -> {dst} worker={self.worker} state={self.state.name}"
+            f"<Splice source {src} -> drain {dst} worker={self.worker} state={self.state.name}"
             f" transferred={self.transferred}{end}>"
         )
 
@@ -225,5 +225,5 @@ class Splice:
 def _run_callback(fn: Callable[[Splice], Any], sp: Splice) -> None:
     try:
         fn(sp)
-    except Exception:
+    except BaseException:  # even SystemExit: a callback must never take its worker down
         _native.report(logging.ERROR, "splicepool: done callback %r raised (ignored)", fn, exc_info=True)

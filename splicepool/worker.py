@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 S = SpliceState
 _SIOCOUTQ = 0x5411  # Linux: bytes in a socket's send queue (unsent + unacked)
 _LOW_WATER_MAX = 64 * 1024  # below this much drain space (and less than wanted), wait for the drain
+_MAX_SLEEP = 3600.0  # longest single hub sleep, in seconds
 _SNDBUF_REFRESH = 32  # passes between re-reads of the drain's SO_SNDBUF (TCP autotuning grows it)
 
 try:
@@ -138,6 +139,8 @@ class Worker:
                 if self._closing_at is not None:
                     left = max(0.0, self._closing_at - monotonic())
                     timeout = left if timeout is None else min(timeout, left)
+            if timeout is not None and timeout > _MAX_SLEEP:
+                timeout = _MAX_SLEEP  # epoll takes a C int of milliseconds; a far deadline waits again
             events = hub.poll(timeout)
             if events:
                 self.wakeups += 1
@@ -367,7 +370,8 @@ class Worker:
             sp._check_drain = False
             err = dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                exc = OSError(err, f"{errno.errorcode.get(err, err)}: {dst.label}")
+                dst.error = err  # the socket's other role (a relay's source) must see it too
+                exc = OSError(err, f"{errno.errorcode.get(err, err)}: drain {dst.label}")
                 return self._end(sp, EndReason.ERROR, exc, drop=True)
         budget = self.budget
         limit = sp.max
@@ -404,9 +408,12 @@ class Worker:
                 continue
             except OSError as exc:
                 mover.release()
-                return self._end(sp, EndReason.ERROR, _side_error(exc, src.label))
+                return self._end(sp, EndReason.ERROR, _side_error(exc, "source " + src.label))
             if not got:
                 mover.release()
+                if src.error:  # a drain check on this socket took its error: it is no EOF
+                    exc = OSError(src.error, f"{errno.errorcode.get(src.error, src.error)}: source {src.label}")
+                    return self._end(sp, EndReason.ERROR, exc)
                 return self._end(sp, EndReason.EOF, None)
             sp.taken += got
             if not self._push(sp, mover, dst):
@@ -425,7 +432,7 @@ class Worker:
         except BlockingIOError:
             pass
         except OSError as exc:
-            self._end(sp, EndReason.ERROR, _side_error(exc, dst.label), drop=True)
+            self._end(sp, EndReason.ERROR, _side_error(exc, "drain " + dst.label), drop=True)
             return False
         return True
 
@@ -463,7 +470,7 @@ class Worker:
         except OSError:
             err = dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                exc = OSError(err, f"{errno.errorcode.get(err, err)}: connect failed: {dst.label}")
+                exc = OSError(err, f"{errno.errorcode.get(err, err)}: connect failed: drain {dst.label}")
                 self._end(sp, EndReason.ERROR, exc, drop=True)
             return False
         dst.connecting = False
@@ -511,7 +518,7 @@ class Worker:
             moved = 0
         except OSError as exc:
             if sp.error is None:
-                sp.error = _side_error(exc, sp._dst.label)
+                sp.error = _side_error(exc, "drain " + sp._dst.label)
             sp.dropped += mover.drop()
             moved = 0
         if moved:
