@@ -234,10 +234,10 @@ class SplicePool:
             plan = self._prepare(src, src_info, dst, dst_info, close)
             sp = self._commit(plan, max, idle)
             ack = self._post(sp)
+        if close:  # before any wait: a greenlet killed while waiting must not keep them
+            _detach(src, dst)
         if ack is not None:
             ack.wait()
-        if close:
-            _detach(src, dst)
         return sp
 
     def _check_free(self, src_info: SockInfo, dst_info: SockInfo) -> None:

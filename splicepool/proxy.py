@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _checks, _native
 from ._checks import oserror
+from .pool import _detach
 from .splice import LIVE_STATES, EndReason, Splice, _run_callback
 
 if TYPE_CHECKING:
@@ -164,10 +165,8 @@ def proxy(
             sp._partner = partner  # idle means no byte moved either way
             sp._callbacks.append(relay._direction_done)  # type: ignore[union-attr]
         acks = [pool._post(fwd), pool._post(rev)]
+    _detach(a, b)  # the pool owns them now, even if this greenlet is killed while waiting
     for ack in acks:
         if ack is not None:
             ack.wait()
-    from .pool import _detach
-
-    _detach(a, b)
     return relay

@@ -147,3 +147,30 @@ def test_the_core_never_imports_gevent():
     print("OK")
     """
     _assert_clean(_run(code))
+
+
+def test_a_greenlet_killed_inside_proxy_leaves_the_sockets_to_the_pool():
+    """Killed while waiting for the workers, proxy() has already handed the sockets over."""
+    code = """
+    from gevent import monkey
+    monkey.patch_all()
+    import gevent
+    import splicepool
+    from conftest import tcp_pair
+    pool = splicepool.SplicePool(workers=1)
+    client, a = tcp_pair()
+    b, server = tcp_pair()
+    g = gevent.spawn(pool.proxy, a, b)
+    gevent.sleep(0)
+    g.kill()
+    assert a.fileno() == -1 and b.fileno() == -1, (a.fileno(), b.fileno())
+    a.close()
+    b.close()
+    gevent.sleep(0.1)
+    x, y = tcp_pair()  # may reuse the numbers: the pool must never close these
+    pool.close()
+    x.sendall(b"ping")
+    assert y.recv(4) == b"ping"
+    print("OK")
+    """
+    _assert_clean(_run(code))
