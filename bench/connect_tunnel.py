@@ -75,9 +75,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_proxy(relay: str) -> tuple[subprocess.Popen, int]:
-    if relay == "splice":
+    if relay != "copy":
+        backend = {"splice": "thread"}.get(relay, relay)
         argv = [sys.executable, os.path.join(ROOT, "examples", "gevent_connect_proxy.py"),
-                "--listen", "127.0.0.1:0", "--workers", "2"]
+                "--listen", "127.0.0.1:0", "--workers", "2", "--backend", backend]
     else:
         argv = [sys.executable, os.path.abspath(__file__), "--serve-copy"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -140,7 +141,7 @@ def run(relay: str, mib: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=1024)
-    parser.add_argument("--relay", choices=["splice", "copy"], action="append")
+    parser.add_argument("--relay", choices=["splice", "gevent", "gevent-direct", "copy"], action="append")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--serve-copy", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,7 +149,7 @@ def main() -> None:
         serve_copy(0)
         return
     for i in range(args.runs):
-        for relay in args.relay or ["splice", "copy"]:
+        for relay in args.relay or ["splice", "gevent", "gevent-direct", "copy"]:
             rate, cpu = run(relay, args.mib)
             print(f"run {i + 1} {relay:6s} {args.mib} MiB: {rate:7.0f} MiB/s, proxy CPU {cpu:5.2f} s "
                   f"({cpu / (args.mib / 1024):.2f} s/GiB)", flush=True)

@@ -99,6 +99,8 @@ def main(argv=None):
     parser.add_argument("--max-conns", type=int, default=10000, help="concurrent connections")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds live tunnels get on SIGTERM")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--backend", choices=["thread", "gevent", "gevent-direct"], default="thread",
+                        help="splice workers: OS threads (default), greenlets, or direct dispatch")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(process)d %(levelname)s %(message)s")
     try:
@@ -107,7 +109,9 @@ def main(argv=None):
     except ValueError as exc:
         parser.error(str(exc))
     IDLE = args.idle or None
-    POOL = splicepool.SplicePool(workers=args.workers)
+    backend = {"thread": {}, "gevent": {"backend": "gevent"},
+               "gevent-direct": {"backend": "gevent", "dispatch": "direct"}}[args.backend]
+    POOL = splicepool.SplicePool(workers=args.workers, **backend)
     server = WSGIServer((host, port), app, spawn=gevent.pool.Pool(args.max_conns), log=None)
     stop = gevent.event.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

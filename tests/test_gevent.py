@@ -174,3 +174,47 @@ def test_a_greenlet_killed_inside_proxy_leaves_the_sockets_to_the_pool():
     print("OK")
     """
     _assert_clean(_run(code))
+
+
+def test_asyncio_cancellation_and_a_closed_loop_are_safe():
+    """A cancelled `await sp` leaves the splice running; a closed loop is never called."""
+    code = """
+    import asyncio
+    import splicepool
+    from conftest import Link
+    pool = splicepool.SplicePool(workers=1)
+    ln = Link()
+    sp = pool.splice(ln.src, ln.dst)
+
+    async def cancelled():
+        task = asyncio.ensure_future(_wait())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return True
+        return False
+
+    async def _wait():
+        return await sp
+
+    assert asyncio.run(cancelled())
+    assert not sp.done()  # cancelling the waiter does not end the splice
+
+    loop = asyncio.new_event_loop()
+    waiter = loop.create_task(_wait())
+    loop.run_until_complete(asyncio.sleep(0.05))
+    waiter.cancel()
+    loop.run_until_complete(asyncio.gather(waiter, return_exceptions=True))
+    loop.close()  # the splice ends after its loop is gone: the worker must not mind
+    sp.unsplice()
+    assert sp.wait(5).name == "UNSPLICED"
+    ln.peer_src.sendall(b"still served")
+    sp2 = pool.splice(ln.src, ln.dst)
+    assert ln.peer_dst.recv(12) == b"still served"
+    sp2.unsplice()
+    pool.close()
+    print("OK")
+    """
+    _assert_clean(_run(code))
