@@ -17,7 +17,9 @@ if GEVENT:
 
     monkey.patch_all()
 
-import select  # noqa: E402 - after patching, on purpose
+import hashlib  # noqa: E402 - after patching, on purpose
+import random  # noqa: E402
+import select  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -174,6 +176,25 @@ class Collector:
         self.thread.join(5)
         assert not self.thread.is_alive()
         return bytes(self.data)
+
+
+def payload(n: int, seed: int) -> bytes:
+    """n deterministic pseudo-random bytes."""
+    return random.Random(seed).randbytes(n)
+
+
+def digest(data: bytes | bytearray) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def until(pred, timeout: float = 10.0) -> bool:
+    """Poll ``pred`` until it is true or ``timeout`` passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return bool(pred())
+        time.sleep(0.005)
+    return True
 
 
 def fd_count() -> int:

@@ -26,13 +26,16 @@ from conftest import (
     GEVENT,
     Collector,
     Link,
+    digest,
     fd_count,
+    payload,
     recv_exact,
     recv_until_eof,
     send_in_thread,
     tcp_pair,
     thread_backend_only,
     thread_count,
+    until,
 )
 
 from splicepool import EndReason, SplicePool, SpliceState
@@ -46,21 +49,6 @@ LIVE = {SpliceState.INIT, SpliceState.IDLE, SpliceState.QUEUED, SpliceState.RUNN
 # -- helpers (the same few as in test_lifecycle.py, plus clocks and fd sets) ------------
 
 
-def payload(n: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
-def digest(data: bytes | bytearray) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def until(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return bool(pred())
-        time.sleep(0.005)
-    return True
 
 
 def reset(sock: socket.socket) -> None:

@@ -8,9 +8,7 @@ bytes, compared by SHA-256, with exact counts.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
-import random
 import select
 import socket
 import struct
@@ -21,12 +19,15 @@ import pytest
 from conftest import (
     Collector,
     Link,
+    digest,
+    payload,
     recv_available,
     recv_exact,
     recv_until_eof,
     send_in_thread,
     tcp_pair,
     thread_backend_only,
+    until,
 )
 
 from splicepool import EndReason, SplicePool, SpliceState
@@ -39,22 +40,6 @@ LIVE = {SpliceState.INIT, SpliceState.IDLE, SpliceState.QUEUED, SpliceState.RUNN
 # -- helpers ----------------------------------------------------------------------------
 
 
-def payload(n: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
-def digest(data: bytes | bytearray) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def until(pred, timeout: float = 10.0) -> bool:
-    """Poll ``pred`` until it is true or ``timeout`` passes; return its last value."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return bool(pred())
-        time.sleep(0.005)
-    return True
 
 
 def peek(sock: socket.socket, wait: float = 0.15) -> bytes | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import socket
 import struct
 import threading
@@ -17,12 +16,15 @@ from conftest import (
     GEVENT,
     Collector,
     Link,
+    digest,
     fd_count,
+    payload,
     recv_exact,
     recv_until_eof,
     send_in_thread,
     tcp_pair,
     thread_count,
+    until,
 )
 
 from splicepool import EndReason, SplicePool
@@ -34,21 +36,6 @@ HAVE_SPLICE = hasattr(os, "splice")
 # -- helpers (the same few as in test_lifecycle.py) -------------------------------------
 
 
-def payload(n: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
-def digest(data: bytes | bytearray) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def until(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return bool(pred())
-        time.sleep(0.005)
-    return True
 
 
 def shrink(*socks: socket.socket, size: int = 64 * 1024) -> None:
