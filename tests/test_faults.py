@@ -893,7 +893,11 @@ def test_emfile_on_dup_fails_cleanly_and_changes_nothing(free):
 
 @thread_backend_only
 def test_emfile_while_starting_a_worker_fails_cleanly_and_changes_nothing():
-    """Two free fds: both dups succeed, the new worker's epoll/eventfd cannot be made."""
+    """Two free fds: both dups succeed, the new worker's epoll/eventfd cannot be made.
+
+    Thread backend only: a gevent worker is a greenlet on the existing hub and opens no fd,
+    so there is nothing to run out of while starting one.
+    """
     ln = Link()
     pool = SplicePool(workers=1)
     try:
