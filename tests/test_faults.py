@@ -314,6 +314,32 @@ def test_rst_on_the_drain_while_the_source_is_silent_ends_the_splice_promptly():
         link.close()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a relay socket's RST ends only the direction that reads it; the reverse "
+    "direction (the reset socket is its drain) stays live while its own source is silent: "
+    "the source side took the error off the socket, and no drain check sees it",
+)
+def test_rst_on_a_relay_socket_ends_both_directions_promptly():
+    link = Link()
+    pool = SplicePool(workers=1)
+    try:
+        back = pool.splice(link.dst, link.src)  # link.src is its drain; link.dst stays silent
+        fwd = pool.splice(link.src, link.dst)
+        clock = EndClock(fwd, back)
+        link.peer_src.sendall(b"x")
+        assert recv_exact(link.peer_dst, 1) == b"x"
+        reset(link.peer_src)
+        t_rst = time.monotonic()
+        assert fwd.wait(5) is EndReason.ERROR
+        assert back.wait(END_BOUND + 1) is EndReason.ERROR
+        assert clock.since(back, t_rst) <= END_BOUND
+        assert "drain" in str(back.error), back.error
+    finally:
+        pool.close()
+        link.close()
+
+
 def test_errors_name_the_side_that_failed_when_a_socket_plays_both_roles():
     """A socket first spliced as a drain, then as a source: its errors, the splice's repr and
     unsplice messages must call it the source (regression test: fixed in 5a7b1d3)."""
