@@ -197,6 +197,32 @@ def until(pred, timeout: float = 10.0) -> bool:
     return True
 
 
+def settle(sp, quiet: float = 0.2, timeout: float = 10.0) -> int:
+    """Wait until ``sp.transferred`` stops growing for ``quiet`` seconds (a stalled drain)."""
+    deadline = time.monotonic() + timeout
+    last = sp.transferred
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = sp.transferred
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"still moving after {timeout} s: {sp!r}")
+
+
+def open_fds() -> set[int]:
+    """The fd numbers open right now (the listing's own fd is not one of them)."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue
+        found.add(fd)
+    return found
+
+
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 

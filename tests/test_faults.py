@@ -28,10 +28,12 @@ from conftest import (
     Link,
     digest,
     fd_count,
+    open_fds,
     payload,
     recv_exact,
     recv_until_eof,
     send_in_thread,
+    settle,
     tcp_pair,
     thread_backend_only,
     thread_count,
@@ -86,18 +88,6 @@ def read_rest(sock: socket.socket, timeout: float = 15.0) -> bytes:
         buf += chunk
 
 
-def settle(sp, quiet: float = 0.2, timeout: float = 10.0) -> int:
-    """Wait until ``sp.transferred`` stops growing for ``quiet`` seconds (a stalled drain)."""
-    deadline = time.monotonic() + timeout
-    last = sp.transferred
-    while time.monotonic() < deadline:
-        time.sleep(quiet)
-        now = sp.transferred
-        if now == last:
-            return now
-        last = now
-    raise AssertionError(f"still moving after {timeout} s: {sp!r}")
-
 
 class EndClock:
     """Records when each splice finished (from its done callback, in the worker)."""
@@ -114,18 +104,6 @@ class EndClock:
         assert until(lambda: id(sp) in self.at, 5), f"no done callback for {sp!r}"
         return self.at[id(sp)] - t0
 
-
-def open_fds() -> set[int]:
-    """The fd numbers open right now (the listing's own fd is not one of them)."""
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        try:
-            os.fstat(fd)
-        except OSError:
-            continue
-        found.add(fd)
-    return found
 
 
 def limit_with_free(free: int) -> int:

@@ -25,7 +25,7 @@ import threading
 import time
 
 import pytest
-from conftest import GEVENT, Collector, Link, tcp_pair, thread_count
+from conftest import GEVENT, Collector, Link, open_fds, tcp_pair, thread_count
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -48,17 +48,6 @@ def key_of(fd: int) -> tuple[int, int]:
     st_ = os.fstat(fd)
     return (st_.st_dev, st_.st_ino)
 
-
-def open_fds() -> set[int]:
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        try:
-            os.fstat(fd)
-        except OSError:
-            continue
-        found.add(fd)
-    return found
 
 
 def fd_name(fd: int) -> str:

@@ -22,6 +22,7 @@ from conftest import (
     recv_exact,
     recv_until_eof,
     send_in_thread,
+    settle,
     tcp_pair,
     thread_count,
     until,
@@ -43,18 +44,6 @@ def shrink(*socks: socket.socket, size: int = 64 * 1024) -> None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
-
-def settle(sp, quiet: float = 0.2, timeout: float = 10.0) -> int:
-    """Wait until ``sp.transferred`` stops growing for ``quiet`` seconds (a stalled drain)."""
-    deadline = time.monotonic() + timeout
-    last = sp.transferred
-    while time.monotonic() < deadline:
-        time.sleep(quiet)
-        now = sp.transferred
-        if now == last:
-            return now
-        last = now
-    raise AssertionError(f"still moving after {timeout} s: {sp!r}")
 
 
 @pytest.fixture(params=["splice", "copy"])
