@@ -480,6 +480,24 @@ class SplicePool:
             del self._records[key]
         self._records_limit = max(_RECORDS_MIN, 2 * len(self._records))
 
+    def _drain_failed(self, ep: Endpoint, worker: Worker) -> None:
+        """``worker`` read a socket error off ``ep``: the splice draining into it must end too.
+
+        With its own source silent, nothing else would wake it: a level-triggered
+        hub does not watch a drain for errors, and the read took the socket's error.
+        """
+        with self._lock:
+            sp = self._drains.get(ep.key)
+            if sp is None or sp.state not in LIVE_STATES:
+                return
+            owner = self._workers[sp.worker]
+            if owner is None or not owner.accepting:
+                return
+            if owner is not worker:
+                owner.post(("check_drain", sp))
+                return
+        worker.check_drain(sp)
+
     def _splice_done(self, sp: Splice) -> None:
         """Nothing of the splice is in flight: free the drain and the endpoints."""
         with self._lock:

@@ -14,6 +14,7 @@ import errno
 import heapq
 import itertools
 import logging
+import os
 import socket
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ S = SpliceState
 _SIOCOUTQ = 0x5411  # Linux: bytes in a socket's send queue (unsent + unacked)
 _LOW_WATER_MAX = 64 * 1024  # below this much drain space (and less than wanted), wait for the drain
 _MAX_SLEEP = 3600.0  # longest single hub sleep, in seconds
+_MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 _SNDBUF_REFRESH = 32  # passes between re-reads of the drain's SO_SNDBUF (TCP autotuning grows it)
 
 try:
@@ -45,10 +47,26 @@ _REQUEUE = 2
 _ENDED = 3
 
 
-def _side_error(exc: OSError, label: str) -> OSError:
-    """The same errno, with the side (source/drain fd and addresses) in the message."""
-    code = exc.errno or errno.EIO
-    return OSError(code, f"{exc.strerror or exc}: {label}")
+# Errnos that say a socket is already shut or failed, not why: a read or write after
+# another one took the socket's error (reading clears it, as SO_ERROR does).
+_AFTERMATH = frozenset((errno.ENOTCONN, errno.EPIPE))
+
+
+def _socket_error(ep: Any, exc: OSError | None, side: str) -> OSError:
+    """The error to report for a failed read or write on ``ep``, remembered on ``ep``.
+
+    A socket's pending error is handed to the first call that meets it and then
+    cleared, so the socket's other role (a relay's reverse direction) would see
+    only ENOTCONN or EPIPE: the first error is kept on the endpoint and reported
+    by every later failure on it.
+    """
+    code = exc.errno if exc is not None else 0
+    if ep.error and (not code or code in _AFTERMATH):
+        code = ep.error
+    elif code and code not in _AFTERMATH and not ep.error:
+        ep.error = code
+    code = code or errno.EIO
+    return OSError(code, f"{os.strerror(code)}: {side} {ep.label}")
 
 
 class Worker:
@@ -211,6 +229,14 @@ class Worker:
                     ack.set()
             elif kind == "close":
                 self._close(msg[1])
+            elif kind == "check_drain":
+                self.check_drain(msg[1])
+
+    def check_drain(self, sp: Splice) -> None:
+        """Have ``sp`` look at its drain's error on its next pass (its source may be silent)."""
+        if sp.state in LIVE_STATES:
+            sp._check_drain = True
+            self._make_ready(sp)
 
     def _add(self, sp: Splice) -> None:
         self.splices.add(sp)
@@ -368,10 +394,8 @@ class Worker:
             return _WAIT_DRAIN if sp.state is S.RUNNING else _ENDED
         if sp._check_drain:
             sp._check_drain = False
-            err = dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                dst.error = err  # the socket's other role (a relay's source) must see it too
-                exc = OSError(err, f"{errno.errorcode.get(err, err)}: drain {dst.label}")
+            exc = self._drain_failure(dst)
+            if exc is not None:
                 return self._end(sp, EndReason.ERROR, exc, drop=True)
         budget = self.budget
         limit = sp.max
@@ -408,12 +432,13 @@ class Worker:
                 continue
             except OSError as exc:
                 mover.release()
-                return self._end(sp, EndReason.ERROR, _side_error(exc, "source " + src.label))
+                self._end(sp, EndReason.ERROR, _socket_error(src, exc, "source"))
+                self.pool._drain_failed(src, self)  # a relay's reverse direction drains into it
+                return _ENDED
             if not got:
                 mover.release()
-                if src.error:  # a drain check on this socket took its error: it is no EOF
-                    exc = OSError(src.error, f"{errno.errorcode.get(src.error, src.error)}: source {src.label}")
-                    return self._end(sp, EndReason.ERROR, exc)
+                if src.error:  # another call on this socket took its error: it is no EOF
+                    return self._end(sp, EndReason.ERROR, _socket_error(src, None, "source"))
                 return self._end(sp, EndReason.EOF, None)
             sp.taken += got
             if not self._push(sp, mover, dst):
@@ -432,9 +457,24 @@ class Worker:
         except BlockingIOError:
             pass
         except OSError as exc:
-            self._end(sp, EndReason.ERROR, _side_error(exc, "drain " + dst.label), drop=True)
+            self._end(sp, EndReason.ERROR, _socket_error(dst, exc, "drain"), drop=True)
             return False
         return True
+
+    @staticmethod
+    def _drain_failure(dst: Any) -> OSError | None:
+        """The drain reported an error or hang-up: its error if it can no longer send, else None."""
+        err = dst.error or dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            dst.error = err  # the socket's other role (a relay's source) must see it too
+            return OSError(err, f"{os.strerror(err)}: drain {dst.label}")
+        try:
+            dst.sock.send(b"", _MSG_NOSIGNAL)  # shut for writing (shutdown() by its owner)?
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            return _socket_error(dst, exc, "drain")
+        return None
 
     def _drain_space(self, dst: Any) -> tuple[int, int]:
         """(free bytes in the drain's send buffer now, low-water mark) - an estimate."""
@@ -518,7 +558,7 @@ class Worker:
             moved = 0
         except OSError as exc:
             if sp.error is None:
-                sp.error = _side_error(exc, "drain " + sp._dst.label)
+                sp.error = _socket_error(sp._dst, exc, "drain")
             sp.dropped += mover.drop()
             moved = 0
         if moved:
