@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -163,7 +164,9 @@ class Upstream:
 class ProxyProc:
     """One ``python -m splicepool proxy`` subprocess; stderr (and stdout) go to a log file."""
 
-    def __init__(self, args: list[str], log_path: Path, port: int, stats_port: int | None) -> None:
+    def __init__(
+        self, args: list[str], log_path: Path, port: int, stats_port: int | None, nofile: int | None = None
+    ) -> None:
         self.args = args
         self.port = port
         self.stats_port = stats_port
@@ -175,6 +178,7 @@ class ProxyProc:
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=self._log_file,
+            preexec_fn=None if nofile is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
         )
         self.pid = self.proc.pid
 
@@ -274,7 +278,9 @@ def upstreams():
 
 @pytest.fixture
 def start_proxy(tmp_path):
-    """``start(connect, *options, listen_host=, processes=, stats=)`` → a ready ProxyProc.
+    """``start(connect, *options, listen_host=, processes=, stats=, nofile=)`` → a ready ProxyProc.
+
+    ``nofile`` sets the proxy's open-file limit, soft and hard (so it cannot raise it).
 
     Ready means every process logged "listening on": the listener is bound and listening
     before that line is written. A probe connect is avoided on purpose: it would be
@@ -289,6 +295,7 @@ def start_proxy(tmp_path):
         listen_host: str = "127.0.0.1",
         processes: int = 1,
         stats: bool = False,
+        nofile: int | None = None,
     ) -> ProxyProc:
         for attempt in range(5):
             port = free_port(listen_host)
@@ -298,7 +305,7 @@ def start_proxy(tmp_path):
                 args += ["--processes", str(processes)]
             if stats_port is not None:
                 args += ["--stats-listen", str(stats_port)]
-            proxy = ProxyProc(args, tmp_path / f"proxy-{len(started)}.log", port, stats_port)
+            proxy = ProxyProc(args, tmp_path / f"proxy-{len(started)}.log", port, stats_port, nofile)
             started.append(proxy)
             deadline = time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline:
@@ -566,6 +573,39 @@ def test_soak_10000_short_connections_through_the_cli(upstreams, start_proxy):
     total = int(os.environ.get("SPLICEPOOL_SOAK_CONNECTIONS", "10000"))
     proxy = start_proxy((upstream := upstreams()).addr, "--workers", "2", stats=True)
     short_connections(upstream, proxy, total, concurrency=32)
+
+
+def test_fd_exhaustion_pauses_accepts_and_the_proxy_serves_again_once_fds_free_up(upstreams, start_proxy):
+    """At a 64-file limit the proxy runs out of fds after some 25 idle connections: it logs it,
+    stays up, and once the clients go away serves new connections; nothing leaks."""
+    proxy = start_proxy(upstreams().addr, "--workers", "1", nofile=64)
+    base = proxy.fd_count()
+    held: list[socket.socket] = []
+    try:
+        for _ in range(60):
+            c = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+            held.append(c)
+            if "Too many open files" in proxy.log():
+                break
+            c.settimeout(2)
+            try:
+                c.sendall(b"p")
+                if c.recv(1) != b"p":  # closed: no fd was left for its upstream socket
+                    break
+            except (TimeoutError, ConnectionError):
+                break  # waits in the listen backlog: the proxy stopped accepting
+        wait_until(lambda: "Too many open files" in proxy.log(), 10, "the EMFILE warning")
+        assert proxy.proc.poll() is None, proxy.log()
+        assert proxy.fd_count() <= 64
+    finally:
+        for c in held:
+            c.close()
+    wait_until(lambda: proxy.fd_count() <= base + 4, 15, "the proxy's fds to come back")
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as c:
+            ping(c)
+    assert proxy.proc.poll() is None
+    assert "Traceback" not in proxy.log()
 
 
 # -- 7. SIGTERM ----------------------------------------------------------------------------------------
