@@ -29,6 +29,7 @@ from . import _native
 READ = 1
 WRITE = 2
 ERROR = 4
+HANGUP = 8  # the peer's FIN, or an error, was seen when the event was taken (epoll only)
 
 
 class _Waker:
@@ -106,12 +107,14 @@ class EpollHub:
                 self._waker.consume()
                 continue
             flags = 0
-            if ev & (select.EPOLLIN | select.EPOLLRDHUP):
+            if ev & select.EPOLLIN:
                 flags |= READ
             if ev & select.EPOLLOUT:
                 flags |= WRITE
+            if ev & select.EPOLLRDHUP:
+                flags |= READ | HANGUP
             if ev & (select.EPOLLERR | select.EPOLLHUP):
-                flags |= ERROR | READ
+                flags |= ERROR | READ | HANGUP
             out.append((fd, flags))
         return out
 

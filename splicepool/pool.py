@@ -51,6 +51,7 @@ class Endpoint:
         "outq",
         "sndbuf",
         "sndbuf_age",
+        "space",
     )
 
     def __init__(self, info: SockInfo, fd: int, dup: bool) -> None:
@@ -66,6 +67,7 @@ class Endpoint:
         self.outq = sys.platform.startswith("linux")  # SIOCOUTQ gives the drain's queue
         self.sndbuf = 0
         self.sndbuf_age = 1 << 30  # read SO_SNDBUF on the first pass
+        self.space = 0  # free send buffer at the last SIOCOUTQ, less what was sent since
         self.was_blocking = os.get_blocking(fd)
         self.sock = _checks.wrap(fd)
         try:
@@ -113,6 +115,10 @@ class SplicePool:
     splice assigned to each. ``zero_copy=None`` uses ``os.splice`` where the
     platform has it, ``False`` forces the copy path. ``pipe_size`` sizes each
     splice's pipe (``F_SETPIPE_SZ``); ``copy_size`` the copy path's buffer.
+    ``small_copy``: on the zero-copy path, a splice whose last read took fewer
+    bytes than this reads next with ``recv_into`` up to this many (two plain
+    syscalls beat two splices through a pipe for a request or a reply), and
+    goes back to splicing as soon as a read fills it; 0 always splices.
     ``hub`` picks what workers sleep on: ``"epoll"`` (edge-triggered, Linux),
     ``"selector"`` (level-triggered ``selectors.DefaultSelector``, what other
     systems get) or ``"auto"`` (epoll where there is one).
@@ -130,6 +136,7 @@ class SplicePool:
         pipe_size: int = 1 << 20,
         zero_copy: bool | None = None,
         copy_size: int = 256 * 1024,
+        small_copy: int = 16 * 1024,
         hub: str = "auto",
         dispatch: str = "worker",
     ) -> None:
@@ -155,6 +162,10 @@ class SplicePool:
                 raise TypeError(f"{name} must be an int, not {type(value).__name__}")
             if value < 4096:
                 raise ValueError(f"{name} must be at least 4096 bytes, not {value}")
+        if isinstance(small_copy, bool) or not isinstance(small_copy, int):
+            raise TypeError(f"small_copy must be an int, not {type(small_copy).__name__}")
+        if small_copy < 0 or small_copy > copy_size:
+            raise ValueError(f"small_copy must be between 0 and copy_size ({copy_size}), not {small_copy}")
         if hub not in _hub.HUBS:
             raise ValueError(f"unknown hub {hub!r}: expected one of {sorted(_hub.HUBS)}")
         if zero_copy and not HAVE_SPLICE:
@@ -165,6 +176,7 @@ class SplicePool:
         self._pipe_size = pipe_size
         self._hub = _hub.HUBS[hub]
         self._copy_size = copy_size
+        self._small_copy = small_copy
         self._lock = _native.allocate_lock()
         self._workers: list[Worker | None] = [None] * workers
         self._next = 0
@@ -252,24 +264,44 @@ class SplicePool:
             raise oserror(errno.EBUSY, f"{dst_info.label} is already the drain of source {busy._src.label}")
 
     def _prepare(
-        self, src: Any, src_info: SockInfo, dst: Any, dst_info: SockInfo, close: bool
+        self, src: Any, src_info: SockInfo, dst: Any, dst_info: SockInfo, close: bool, index: int | None = None
     ) -> tuple[Any, ...]:
         """Everything that can fail: the endpoints (dups) and the worker (lock held).
 
-        ``_undo`` gives it all back; ``_commit`` cannot fail.
+        ``index`` picks the worker (``proxy()`` puts both directions on one);
+        by default see ``_choose_worker``. ``_undo`` gives it all back;
+        ``_commit`` cannot fail.
         """
         taken: list[Endpoint] = []
+        turn = False
         try:
             taken.append(self._take_endpoint(src_info, close))
             taken.append(self._take_endpoint(dst_info, close))
-            index = self._next
+            if index is None:
+                index, turn = self._choose_worker(src_info, dst_info)
             self._worker(index)
         except BaseException:
             for ep in taken:
                 self._put_endpoint(ep)
             raise
-        self._next = (index + 1) % len(self._workers)
+        if turn:
+            self._next = (index + 1) % len(self._workers)
         return (src, src_info, dst, dst_info, close, taken[0], taken[1], index)
+
+    def _choose_worker(self, src_info: SockInfo, dst_info: SockInfo) -> tuple[int, bool]:
+        """(worker index, whether round-robin moved on) for a new splice (lock held).
+
+        A splice that shares a socket with a live one (the reverse direction of a
+        relay) joins that splice's worker: one registration per fd, one wakeup
+        for both directions, and no second thread woken by every byte. Others
+        go round-robin.
+        """
+        for other in (self._drains.get(src_info.key), self._sources.get(dst_info.key)):
+            if other is not None:
+                worker = self._workers[other.worker]
+                if worker is not None and worker.accepting:
+                    return other.worker, False
+        return self._next, True
 
     def _undo(self, plan: tuple[Any, ...]) -> None:
         self._put_endpoint(plan[5])

@@ -153,7 +153,7 @@ def proxy(
         pool._check_free(b_info, a_info)
         fwd_plan = pool._prepare(a, a_info, b, b_info, True)
         try:
-            rev_plan = pool._prepare(b, b_info, a, a_info, True)
+            rev_plan = pool._prepare(b, b_info, a, a_info, True, index=fwd_plan[7])
         except BaseException:
             pool._undo(fwd_plan)
             raise

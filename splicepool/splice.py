@@ -30,6 +30,10 @@ class SpliceState(enum.Enum):
     CLOSED = "closed"  # ended, nothing in flight: done() is true
     EXCEPTION = "exception"  # ended by itself (EOF, max, idle, error); finishing like CLOSING
 
+    # Members are singletons: hash by identity, in C (Enum's own __hash__ is Python
+    # code, and every state change looks a state up in TRANSITIONS).
+    __hash__ = object.__hash__
+
 
 S = SpliceState
 
@@ -99,6 +103,7 @@ class Splice:
         "_queued",
         "_wait_drain",
         "_check_drain",
+        "_fresh",
         "_last_move",
         "_finishing",
         "_user_fd",
@@ -137,6 +142,7 @@ class Splice:
         self._queued = False  # on the worker's ready queue
         self._wait_drain = False  # waiting for the drain to become writable
         self._check_drain = False  # the drain reported an error or hang-up
+        self._fresh = False  # queued by a source read event with no hang-up (see Worker._pass)
         self._last_move = 0.0  # monotonic time of the last pass that moved bytes
         self._finishing = False  # ended, delivering the leftover
         self._user_fd = -1  # the caller's fd number for the source (to notice it closing)
@@ -146,7 +152,8 @@ class Splice:
     # -- read-only views -------------------------------------------------
     @property
     def zero_copy(self) -> bool:
-        """True while bytes move with os.splice (never entering Python), False on the copy path."""
+        """True on the zero-copy path (bulk moves with os.splice, never entering Python; reads
+        under ``small_copy`` bytes are copied), False on the copy path."""
         mover = self._mover
         if mover is None:
             return self._pool._zero_copy

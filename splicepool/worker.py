@@ -79,6 +79,7 @@ class Worker:
         self.pipes = PipePool(pool._pipe_size)
         self.budget = max(pool._pipe_size, 256 * 1024) * 2  # bytes per pass, then requeue
         self._copybuf: memoryview | None = None
+        self._smallbuf: memoryview | None = None
         self.control: deque[tuple[Any, ...]] = deque()
         self.ready: deque[Splice] = deque()
         self.timers: list[tuple[float, int, Splice]] = []
@@ -190,6 +191,7 @@ class Worker:
         src_of, drain_of = entry
         # A source whose splice waits for its drain is read when the drain wakes it.
         if src_of is not None and flags & _hub.READ and not src_of._wait_drain:
+            src_of._fresh = not flags & _hub.HANGUP
             self._make_ready(src_of)
         if drain_of is not None:
             if flags & _hub.ERROR:
@@ -266,8 +268,16 @@ class Worker:
 
     def _new_mover(self) -> ZeroCopyMover | CopyMover:
         if self.pool._zero_copy:
-            return ZeroCopyMover(self.pipes)
+            return ZeroCopyMover(self.pipes, self._small_buffer())
         return CopyMover(self._copy_buffer())
+
+    def _small_buffer(self) -> memoryview | None:
+        size = self.pool._small_copy
+        if not size:
+            return None
+        if self._smallbuf is None:
+            self._smallbuf = memoryview(bytearray(size))
+        return self._smallbuf
 
     def _copy_buffer(self) -> memoryview:
         if self._copybuf is None:
@@ -358,6 +368,7 @@ class Worker:
         before = sp.transferred
         try:
             outcome = self._pass(sp)
+            sp._fresh = False
         except Exception as exc:  # a bug in a pass ends that splice, not the worker
             _native.report(logging.ERROR, "splicepool: xfer pass failed for %r", sp, exc_info=True)
             if sp.state is S.RUNNING:
@@ -411,7 +422,7 @@ class Worker:
             cap = mover.capacity()
             if cap < want:
                 want = cap
-            space, low = self._drain_space(dst)
+            space, low = self._drain_space(dst, want)
             n = want if space >= want else space
             if n < low and n < want:
                 if not woke_for_drain:
@@ -445,6 +456,12 @@ class Worker:
                 return _ENDED
             if mover.pending:
                 return _WAIT_DRAIN
+            if mover.short and sp._fresh:
+                # A copy read took less than asked: the source was drained. The event
+                # that queued this pass saw no FIN or error, and anything arriving from
+                # now on raises a new one, so the read that would say EAGAIN is skipped.
+                mover.release()
+                return _WAIT_SOURCE
             budget -= got
             if budget <= 0:
                 mover.release()
@@ -453,7 +470,9 @@ class Worker:
     def _push(self, sp: Splice, mover: Any, dst: Any) -> bool:
         """Hand the mover's bytes to the drain; False if the drain failed (sp is then ended)."""
         try:
-            sp.transferred += mover.push(dst)
+            sent = mover.push(dst)
+            sp.transferred += sent
+            dst.space -= sent
         except BlockingIOError:
             pass
         except OSError as exc:
@@ -476,10 +495,19 @@ class Worker:
             return _socket_error(dst, exc, "drain")
         return None
 
-    def _drain_space(self, dst: Any) -> tuple[int, int]:
-        """(free bytes in the drain's send buffer now, low-water mark) - an estimate."""
+    def _drain_space(self, dst: Any, want: int) -> tuple[int, int]:
+        """(free bytes in the drain's send buffer, low-water mark): at least ``want`` if known.
+
+        ``dst.space`` is what SIOCOUTQ said was free, less every byte pushed since:
+        a lower bound, as the queue only shrinks by itself (ACKs). While it covers
+        ``want``, no syscall is needed; small messages skip the ioctl for a whole
+        send buffer's worth of bytes.
+        """
         if not dst.outq:
             return (1 << 62, 0)
+        space = dst.space
+        if space >= want:
+            return (space, 0)
         age = dst.sndbuf_age
         if age >= _SNDBUF_REFRESH:
             dst.sndbuf = dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
@@ -500,6 +528,7 @@ class Worker:
             age = 0
             space = dst.sndbuf - ioc[0]
         dst.sndbuf_age = age + 1
+        dst.space = space
         return (space, low)
 
     def _drain_connected(self, sp: Splice) -> bool:
@@ -563,6 +592,7 @@ class Worker:
             moved = 0
         if moved:
             sp.transferred += moved
+            sp._dst.space -= moved
             self.bytes += moved
             sp._last_move = _native.monotonic()
         if mover.pending:

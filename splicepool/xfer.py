@@ -44,6 +44,15 @@ _NO_PIPE = {errno.EMFILE, errno.ENFILE, errno.ENOMEM}
 _MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 
+def _leftover(left: Any, sent: int) -> Any:
+    """What of ``left`` the drain did not take; a copy if it was a view of a shared buffer."""
+    if sent >= len(left):
+        return b""
+    if isinstance(left, memoryview):
+        return bytes(left[sent:])  # the worker's buffer is about to be reused
+    return left[sent:]
+
+
 class NotSpliceable(Exception):
     """os.splice refused these fds; the splice must switch to the copy path."""
 
@@ -107,21 +116,48 @@ class PipePool:
 
 
 class ZeroCopyMover:
-    """socket -> pipe -> socket with os.splice: the payload never enters Python."""
+    """socket -> pipe -> socket with os.splice: the payload never enters Python.
+
+    Small reads are the exception: after a pull that took less than the small
+    buffer holds (a request, a reply, a keystroke), the next pull first tries
+    ``recv_into`` that buffer. Two plain syscalls (recv, send) cost less than two
+    splices through a pipe for a few bytes, and a short copy read says the
+    socket is drained. A full small read means bulk: the same pull goes on
+    through the pipe, and the splice stays zero-copy while it streams.
+    """
 
     zero_copy = True
-    __slots__ = ("_pipes", "_pipe", "pending")
+    __slots__ = ("_pipes", "_pipe", "pending", "_small", "_left", "copied", "short")
 
-    def __init__(self, pipes: PipePool) -> None:
+    def __init__(self, pipes: PipePool, small: memoryview | None = None) -> None:
         self._pipes = pipes
         self._pipe: Pipe | None = None
         self.pending = 0
+        self._small = small  # the worker's small-read buffer (None: always splice)
+        self._left: Any = b""  # a copied leftover (pending bytes not in the pipe)
+        self.copied = small is not None  # the next pull tries the small buffer first
+        self.short = False  # the last pull was a short copy read: the source was drained
 
     def capacity(self) -> int:
         pipe = self._pipe
         return pipe.capacity if pipe is not None else self._pipes.size
 
     def pull(self, src: Any, n: int) -> int:
+        small = self._small
+        if self.copied and small is not None:
+            want = n if n < len(small) else len(small)
+            got = src.sock.recv_into(small, want)
+            self.short = got < want
+            if got:
+                self._left = small[:got]
+                self.pending = got
+                if got < want:
+                    return got
+            else:
+                return 0
+            # The small buffer filled up: more is waiting. Stream it through the pipe.
+            self.copied = False
+            return got
         pipe = self._pipe
         if pipe is None:
             try:
@@ -130,6 +166,7 @@ class ZeroCopyMover:
                 if exc.errno in _NO_PIPE:
                     raise NotSpliceable(exc) from exc
                 raise
+        self.short = False
         try:
             got = os.splice(src.fd, pipe.w, n, flags=_SPLICE_FLAGS)
         except BlockingIOError:
@@ -139,18 +176,35 @@ class ZeroCopyMover:
                 raise NotSpliceable(exc) from exc
             raise
         self.pending = got
+        if small is not None and got < len(small):
+            self.copied = True
         return got
 
     def push(self, dst: Any) -> int:
+        left = self._left
+        if left:
+            try:
+                sent = dst.sock.send(left, _MSG_NOSIGNAL)
+            except BaseException:
+                self._keep(left, 0)
+                raise
+            self._keep(left, sent)
+            return sent
         pipe = self._pipe
         assert pipe is not None
         sent = os.splice(pipe.r, dst.fd, self.pending, flags=_SPLICE_FLAGS)
         self.pending -= sent
         return sent
 
+    def _keep(self, left: Any, sent: int) -> None:
+        self._left = _leftover(left, sent)
+        self.pending = len(self._left)
+
     def drop(self) -> int:
         lost = self.pending
-        if self._pipe is not None and lost:
+        in_pipe = lost and not self._left
+        self._left = b""
+        if self._pipe is not None and in_pipe:
             # The bytes cannot go back to the source: close the pipe and with it the bytes.
             self._pipe.close()
             self._pipe = None
@@ -168,19 +222,22 @@ class CopyMover:
     """recv_into a buffer shared by the worker's splices, then send; a leftover is kept per splice."""
 
     zero_copy = False
-    __slots__ = ("_buf", "_left", "pending")
+    __slots__ = ("_buf", "_left", "pending", "short")
 
     def __init__(self, buf: memoryview) -> None:
         self._buf = buf
-        self._left: bytes = b""
+        self._left: Any = b""
         self.pending = 0
+        self.short = False  # the last pull took less than asked: the source was drained
 
     def capacity(self) -> int:
         return len(self._buf)
 
     def pull(self, src: Any, n: int) -> int:
         buf = self._buf
-        got = src.sock.recv_into(buf, min(n, len(buf)))
+        want = n if n < len(buf) else len(buf)
+        got = src.sock.recv_into(buf, want)
+        self.short = got < want
         if got:
             self._left = buf[:got]  # a view until push decides; copied if a leftover remains
             self.pending = got
@@ -197,14 +254,8 @@ class CopyMover:
         return sent
 
     def _keep(self, left: Any, sent: int) -> None:
-        rest = len(left) - sent
-        if rest <= 0:
-            self._left = b""
-        elif isinstance(left, memoryview):
-            self._left = bytes(left[sent:])  # the shared buffer is about to be reused
-        else:
-            self._left = left[sent:]
-        self.pending = max(rest, 0)
+        self._left = _leftover(left, sent)
+        self.pending = len(self._left)
 
     def drop(self) -> int:
         lost = self.pending

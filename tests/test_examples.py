@@ -146,8 +146,9 @@ def test_threaded_tunnels_survive_their_handler_returning(upstream):
     """socketserver shuts down and closes the request once handle() returns: the relay must not care."""
     ex = start("threaded", upstream)
     try:
-        with ex.connect() as sock:  # start the workers
-            Transfer(upstream, 10, 10).run(sock)
+        for _ in range(4):  # start the workers: a relay's two directions share one, round-robin
+            with ex.connect() as sock:
+                Transfer(upstream, 10, 10).run(sock)
         threads = settled(ex.threads)  # the pool's workers and the server's own thread
         socks = [ex.connect() for _ in range(8)]
         transfers = [Transfer(upstream, MIB, MIB) for _ in socks]

@@ -488,8 +488,19 @@ class PoolMachine(RuleBasedStateMachine):
         assert sp.source is sv and sp.drain is dv
         assert sp.max == max_
         assert sp.idle == (as_seconds(idle) if idle else None)
-        assert sp.worker == self.n_ok % WORKERS  # round-robin over successful splices
-        self.n_ok += 1
+        # A splice sharing a socket with one not yet done (a relay's reverse direction) joins
+        # its worker; the others go round-robin. A sharer may finish during the call: either.
+        sharers = {
+            r.sp.worker
+            for r in self.recs
+            if (r.dst is src_conn or r.src is dst_conn) and not r.sp.done()
+        }
+        if sharers:
+            assert sp.worker == self.n_ok % WORKERS or sp.worker in sharers, (sp.worker, self.n_ok, sharers)
+            self.n_ok = self.pool._next  # joined or took its turn: only the pool knows which
+        else:
+            assert sp.worker == self.n_ok % WORKERS, (sp.worker, self.n_ok)
+            self.n_ok += 1
         if close:
             for item in {s_item, d_item}:
                 fd = item.fd
