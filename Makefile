@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo lint soak clean
+.PHONY: install test demo lint soak bench profile clean
 
 install: $(STAMP)
 
@@ -29,6 +29,16 @@ lint: install
 
 soak: install
 	SPLICEPOOL_SOAK=1 $(PY) -m pytest -q -m soak --timeout=1800
+
+# splicepool's proxy against a direct connection, a thread and an asyncio relay, and (installed
+# with apt-get when run as root, else skipped with a line saying so) HAProxy and socat.
+bench: install
+	$(PY) bench/compare.py --install-peers $(BENCH_ARGS)
+
+# A py-spy flame graph of the proxy under a 1-stream bulk load.
+profile: install
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/compare.py --profile bench/results/profile.svg
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
