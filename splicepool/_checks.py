@@ -13,8 +13,7 @@ import math
 import os
 import socket
 import sys
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 # Linux's TCP_INFO starts with the connection state; 2 is TCP_SYN_SENT.
 _TCP_SYN_SENT = 2
@@ -85,8 +84,7 @@ def _fmt_addr(addr: Any) -> str:
     return repr(addr) if addr else "unix"
 
 
-@dataclass(frozen=True)
-class SockInfo:
+class SockInfo(NamedTuple):
     """What the checks learned about one socket fd (a passive record)."""
 
     fd: int

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import errno
 import heapq
-import http.server
-import json
 import logging
 import os
 import selectors
@@ -21,11 +19,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .pool import SplicePool
 from .proxy import Proxy
+
+if TYPE_CHECKING:
+    import http.server
 
 log = logging.getLogger("splicepool.proxy")
 
@@ -60,29 +60,36 @@ def format_addr(addr: Any) -> str:
     return str(addr)
 
 
-@dataclass
 class Counters:
     """Connection counts since start (read by the stats server, written by the loop)."""
 
-    accepted: int = 0
-    live: int = 0
-    finished: int = 0
-    refused: int = 0
-    failed_connects: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
+    __slots__ = ("accepted", "live", "finished", "refused", "failed_connects", "bytes_up",
+                 "bytes_down", "reasons")
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.live = 0
+        self.finished = 0
+        self.refused = 0
+        self.failed_connects = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.reasons: dict[str, int] = {}
 
 
-@dataclass
 class _Conn:
-    id: int
-    client: socket.socket
-    peer: str
-    started: float
-    upstream: socket.socket | None = None
-    deadline: float = 0.0
-    relay: Proxy | None = None
+    """One accepted connection: while its upstream connects, then until it is logged."""
+
+    __slots__ = ("id", "client", "peer", "started", "upstream", "deadline", "relay")
+
+    def __init__(self, id: int, client: socket.socket, peer: str, started: float) -> None:
+        self.id = id
+        self.client: socket.socket | None = client
+        self.peer = peer
+        self.started = started
+        self.upstream: socket.socket | None = None
+        self.deadline = 0.0
+        self.relay: Proxy | None = None
 
 
 class ProxyServer:
@@ -310,6 +317,7 @@ class ProxyServer:
                 conn.upstream.close()
             return
         conn.relay = relay
+        conn.client = conn.upstream = None  # the pool owns them now
         self.counters.live += 1
 
         def finished(_relay: Proxy) -> None:  # a worker thread: hand over, wake the loop
@@ -435,6 +443,9 @@ class ProxyServer:
 
     def serve_stats(self, address: tuple[str, int]) -> http.server.ThreadingHTTPServer:
         """Serve ``/stats`` (JSON) and ``/metrics`` (Prometheus) from a daemon thread."""
+        import http.server  # only here: it costs a proxy ~7 MiB of memory
+        import json
+
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
