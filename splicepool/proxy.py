@@ -13,35 +13,35 @@ from __future__ import annotations
 
 import errno
 import socket
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
-from . import _checks, _native
+from . import _checks
 from ._checks import oserror
 from .pool import _detach
-from .splice import LIVE_STATES, EndReason, Splice, _run_callback
+from .splice import _DONE_LOCK, LIVE_STATES, EndReason, Splice, _Waitable
 
 if TYPE_CHECKING:
     from .pool import SplicePool
 
 
-class Proxy:
+class Proxy(_Waitable):
     """Handle of a running relay: ``forward`` (a → b) and ``reverse`` (b → a) splices.
 
     ``done()`` once both have ended and both sockets are closed; ``reason`` is
     EOF when both directions ended by EOF, else the first other reason.
     """
 
+    __slots__ = ("pool", "half_close", "forward", "reverse", "_first_reason", "_left", "__weakref__")
+
     def __init__(self, pool: SplicePool, half_close: bool) -> None:
+        _Waitable.__init__(self)
         self.pool = pool
         self.half_close = half_close
         self.forward: Splice = None  # type: ignore[assignment]  # set by SplicePool.proxy
         self.reverse: Splice = None  # type: ignore[assignment]
-        self._lock = _native.allocate_lock()
         self._first_reason: EndReason | None = None  # the first direction's end that was not EOF
         self._left = 2  # directions not done yet
-        self._done = _native.Event()
-        self._callbacks: list[Callable[[Proxy], Any]] | None = []
 
     def __repr__(self) -> str:
         return (
@@ -53,7 +53,7 @@ class Proxy:
     @property
     def reason(self) -> EndReason | None:
         """None while running; EOF if both directions ended by EOF, else the first other reason."""
-        if not self._done.is_set():
+        if not self._ended:
             return None
         return self._first_reason or EndReason.EOF
 
@@ -62,25 +62,13 @@ class Proxy:
         """The error that ended the relay, if one did (from either direction)."""
         return self.forward.error or self.reverse.error
 
-    def done(self) -> bool:
-        """True once both directions have ended and both sockets are closed."""
-        return self._done.is_set()
-
     def wait(self, timeout: float | None = None) -> EndReason:
         """Block until the relay has ended; return ``reason``. ``TimeoutError`` on timeout."""
-        if not self._done.wait(timeout):
+        if not self._wait_done(timeout):
             raise TimeoutError(f"proxy still running after {timeout} s: {self!r}")
         reason = self.reason
         assert reason is not None
         return reason
-
-    def add_done_callback(self, fn: Callable[[Proxy], Any]) -> None:
-        """Call ``fn(proxy)`` once both directions are done (in a worker thread; at once if done)."""
-        with self._lock:
-            if self._callbacks is not None:
-                self._callbacks.append(fn)
-                return
-        _run_callback(fn, self)  # type: ignore[arg-type]
 
     def __await__(self) -> Generator[Any, None, EndReason]:
         """``await proxy`` in asyncio: wait without blocking the loop, return ``reason``."""
@@ -108,22 +96,19 @@ class Proxy:
             except OSError:
                 pass  # already gone: the other direction will find out
         else:
-            with self._lock:
+            with _DONE_LOCK:
                 if self._first_reason is None:
                     self._first_reason = sp.reason
             if other.state in LIVE_STATES:
                 self.pool._abort(other)
 
     def _direction_done(self, sp: Splice) -> None:
-        """Done callback of each direction: the second one completes the relay."""
-        with self._lock:
+        """One direction is done (its worker's thread): the second one completes the relay."""
+        with _DONE_LOCK:
             self._left -= 1
             if self._left:
                 return
-            callbacks, self._callbacks = self._callbacks, None
-        self._done.set()
-        for fn in callbacks or ():
-            _run_callback(fn, self)  # type: ignore[arg-type]
+        self._complete()
 
 
 def proxy(
@@ -163,7 +148,6 @@ def proxy(
         for sp, partner in ((fwd, rev), (rev, fwd)):
             sp._proxy = relay
             sp._partner = partner  # idle means no byte moved either way
-            sp._callbacks.append(relay._direction_done)  # type: ignore[union-attr]
         acks = [pool._post(fwd), pool._post(rev)]
     _detach(a, b)  # the pool owns them now, even if this greenlet is killed while waiting
     for ack in acks:

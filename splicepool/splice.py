@@ -73,7 +73,70 @@ class SpliceStateError(RuntimeError):
     """An illegal state transition: a bug in splicepool, never the user's."""
 
 
-class Splice:
+# Guards every handle's event and callbacks (below); held for a few instructions at a
+# time, so one lock for all costs nothing and saves a lock per splice.
+_DONE_LOCK = _native.allocate_lock()
+
+
+class _Waitable:
+    """The "done" half of a handle (a Splice, a Proxy): a flag, callbacks, waiters.
+
+    Nothing is allocated until someone waits or adds a callback: a relay that
+    nobody waits on costs no event and no list. ``_complete()`` is called once,
+    by the worker that ends it.
+    """
+
+    __slots__ = ("_ended", "_event", "_callbacks")
+
+    def __init__(self) -> None:
+        self._ended = False
+        self._event: _native.Event | None = None  # made by the first waiter
+        self._callbacks: list[Callable[[Any], Any]] | None = None
+
+    def done(self) -> bool:
+        """True once it has ended and nothing of it is left in flight."""
+        return self._ended
+
+    def _wait_done(self, timeout: float | None) -> bool:
+        """Wait until done (yielding to the hub in a gevent greenlet); False on timeout."""
+        if self._ended:
+            return True
+        with _DONE_LOCK:
+            if self._ended:
+                return True
+            event = self._event
+            if event is None:
+                event = self._event = _native.Event()
+        return event.wait(timeout)
+
+    def add_done_callback(self, fn: Callable[[Any], Any]) -> None:
+        """Call ``fn(handle)`` once it has ended (at once, here, if it already has).
+
+        The call normally happens in a worker thread: keep it short, never block
+        in it. An exception it raises is logged and ignored.
+        """
+        with _DONE_LOCK:
+            if not self._ended:
+                if self._callbacks is None:
+                    self._callbacks = [fn]
+                else:
+                    self._callbacks.append(fn)
+                return
+        _run_callback(fn, self)
+
+    def _complete(self) -> None:
+        """Mark done and wake everyone: waiters, then the callbacks (the worker's thread)."""
+        with _DONE_LOCK:
+            self._ended = True
+            event, callbacks = self._event, self._callbacks
+            self._event = self._callbacks = None
+        if event is not None:
+            event.set()
+        for fn in callbacks or ():
+            _run_callback(fn, self)
+
+
+class Splice(_Waitable):
     """One running (or ended) splice: ``source`` into ``drain``.
 
     Created by ``SplicePool.splice()``; never instantiate it yourself. Counters
@@ -97,9 +160,6 @@ class Splice:
         "_src",
         "_dst",
         "_mover",
-        "_done",
-        "_lock",
-        "_callbacks",
         "_queued",
         "_wait_drain",
         "_check_drain",
@@ -121,6 +181,7 @@ class Splice:
         idle: float | None,
         worker: int,
     ) -> None:
+        _Waitable.__init__(self)
         self.source = source
         self.drain = drain
         self.max = max
@@ -136,9 +197,6 @@ class Splice:
         self._src: Any = None  # the pool's endpoints (set by the pool)
         self._dst: Any = None
         self._mover: Any = None  # set by the worker: ZeroCopyMover or CopyMover
-        self._done = _native.Event()
-        self._lock = _native.allocate_lock()
-        self._callbacks: list[Callable[[Splice], Any]] | None = []
         self._queued = False  # on the worker's ready queue
         self._wait_drain = False  # waiting for the drain to become writable
         self._check_drain = False  # the drain reported an error or hang-up
@@ -165,10 +223,6 @@ class Splice:
         mover = self._mover
         return mover.pending if mover is not None else 0
 
-    def done(self) -> bool:
-        """True once the splice has ended and nothing of it is left in flight."""
-        return self._done.is_set()
-
     def __repr__(self) -> str:
         src = self._src.label if self._src is not None else repr(self.source)
         dst = self._dst.label if self._dst is not None else repr(self.drain)
@@ -184,23 +238,10 @@ class Splice:
 
         Raises ``TimeoutError`` if it is still running after ``timeout`` seconds.
         """
-        if not self._done.wait(timeout):
+        if not self._wait_done(timeout):
             raise TimeoutError(f"splice still running after {timeout} s: {self!r}")
         assert self.reason is not None
         return self.reason
-
-    def add_done_callback(self, fn: Callable[[Splice], Any]) -> None:
-        """Call ``fn(splice)`` once it has ended (at once, here, if it already has).
-
-        The call normally happens in the splice's worker thread: keep it short,
-        never block in it. An exception it raises is logged and ignored.
-        """
-        with self._lock:
-            callbacks = self._callbacks
-            if callbacks is not None:
-                callbacks.append(fn)
-                return
-        _run_callback(fn, self)
 
     def __await__(self) -> Generator[Any, None, EndReason]:
         """``await splice`` in asyncio: wait without blocking the loop, return ``reason``."""
@@ -221,16 +262,12 @@ class Splice:
 
     def _signal_done(self) -> None:
         """Mark CLOSED and wake everyone: wait()ers, then the done callbacks (worker thread)."""
-        with self._lock:
-            self._set_state(S.CLOSED)
-            callbacks, self._callbacks = self._callbacks, None
-        self._done.set()
-        for fn in callbacks or ():
-            _run_callback(fn, self)
+        self._set_state(S.CLOSED)
+        self._complete()
 
 
-def _run_callback(fn: Callable[[Splice], Any], sp: Splice) -> None:
+def _run_callback(fn: Callable[[Any], Any], handle: Any) -> None:
     try:
-        fn(sp)
+        fn(handle)
     except BaseException:  # even SystemExit: a callback must never take its worker down
         _native.report(logging.ERROR, "splicepool: done callback %r raised (ignored)", fn, exc_info=True)

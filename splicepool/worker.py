@@ -612,10 +612,13 @@ class Worker:
         self._drop_role(sp._src.fd, 0, sp)
         self._drop_role(sp._dst.fd, 1, sp)
         self.splices.discard(sp)
-        if sp._proxy is not None:
-            sp._proxy._direction_ending(sp)  # half-close or abort, while its sockets are open
+        relay = sp._proxy
+        if relay is not None:
+            relay._direction_ending(sp)  # half-close or abort, while its sockets are open
         self.pool._splice_done(sp)
         sp._signal_done()
+        if relay is not None:
+            relay._direction_done(sp)
 
     def _abandon(self, sp: Splice, reason: EndReason, error: OSError | None) -> None:
         """End a splice now, whatever its state: leftover dropped (pool close, crash)."""
