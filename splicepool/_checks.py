@@ -12,6 +12,7 @@ import errno
 import math
 import os
 import socket
+import stat
 import sys
 from typing import Any, NamedTuple
 
@@ -88,7 +89,7 @@ class SockInfo(NamedTuple):
     """What the checks learned about one socket fd (a passive record)."""
 
     fd: int
-    key: tuple[int, int]  # (st_dev, st_ino): survives fd-number reuse
+    key: int  # the socket's inode number: survives fd-number reuse (see socket_key)
     family: int
     type: int
     proto: int
@@ -111,9 +112,15 @@ class SockInfo(NamedTuple):
         )
 
 
-def socket_key(fd: int) -> tuple[int, int]:
+def socket_key(fd: int) -> int:
+    """What identifies the socket behind ``fd`` while it lives: its inode number.
+
+    Every socket is an inode of the one sockfs, so the number alone is unique
+    (a plain int is also half the memory of a (st_dev, st_ino) tuple). A file
+    that is not a socket gets a negative key, which no socket has.
+    """
     st = os.fstat(fd)
-    return (st.st_dev, st.st_ino)
+    return st.st_ino if stat.S_ISSOCK(st.st_mode) else -1 - st.st_ino
 
 
 def wrap(fd: int) -> Any:
@@ -149,7 +156,7 @@ def probe(obj: Any, fd: int, role: str) -> SockInfo:
         s.detach()
 
 
-def _inspect(obj: Any, s: Any, fd: int, key: tuple[int, int], role: str) -> SockInfo:
+def _inspect(obj: Any, s: Any, fd: int, key: int, role: str) -> SockInfo:
     listening = False
     try:
         listening = bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))

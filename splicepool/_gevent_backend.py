@@ -116,13 +116,13 @@ class GeventWorker(Worker):
 
     def _direct(self, fd: int, flag: int) -> None:
         """Direct dispatch: run the pass in the io callback, no switch to the worker."""
-        entry = self.fds.get(fd)
-        if entry is None:
+        ep = self.fds.get(fd)
+        if ep is None:
             return
         self.wakeups += 1
         ready = self.ready
         mark = len(ready)
-        self._dispatch(entry, flag)
+        self._dispatch(ep, flag)
         while len(ready) > mark:  # the splices this event made ready; older ones wait their turn
             sp = ready.pop()
             sp._queued = False

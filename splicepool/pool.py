@@ -52,6 +52,8 @@ class Endpoint:
         "sndbuf",
         "sndbuf_age",
         "space",
+        "src_of",
+        "drain_of",
     )
 
     def __init__(self, info: SockInfo, fd: int, dup: bool) -> None:
@@ -60,7 +62,7 @@ class Endpoint:
         self.label = info.desc  # no role: it may be a source here and a drain there
         self.dup = dup  # fd is the pool's duplicate (closed by the pool)
         self.owned = False  # the caller handed the socket over: close its fd(s) too
-        self.adopted: list[int] = []  # caller fds handed over besides self.fd
+        self.adopted: tuple[int, ...] = ()  # caller fds handed over besides self.fd (rare)
         self.refs = 0
         self.error = 0  # a socket error a drain check took off the socket (SO_ERROR clears it)
         self.connecting = not info.connected
@@ -68,6 +70,8 @@ class Endpoint:
         self.sndbuf = 0
         self.sndbuf_age = 1 << 30  # read SO_SNDBUF on the first pass
         self.space = 0  # free send buffer at the last SIOCOUTQ, less what was sent since
+        self.src_of: Splice | None = None  # the worker-side roles: the splice reading from it,
+        self.drain_of: Splice | None = None  # and the one writing into it (set by their worker)
         self.was_blocking = os.get_blocking(fd)
         self.sock = _checks.wrap(fd)
         try:
@@ -82,7 +86,7 @@ class Endpoint:
         if sock is not None:
             sock.detach()
         if self.owned:
-            for fd in [self.fd, *self.adopted]:
+            for fd in (self.fd, *self.adopted):
                 _close(fd)
             return
         if self.was_blocking:
@@ -181,10 +185,10 @@ class SplicePool:
         self._workers: list[Worker | None] = [None] * workers
         self._next = 0
         self._closed = False
-        self._endpoints: dict[tuple[int, int], Endpoint] = {}
-        self._sources: dict[tuple[int, int], Splice] = {}  # live splices by source
-        self._drains: dict[tuple[int, int], Splice] = {}  # splices not done, by drain
-        self._records: dict[tuple[int, int], tuple[int, Splice]] = {}  # ended, by source
+        self._endpoints: dict[int, Endpoint] = {}
+        self._sources: dict[int, Splice] = {}  # live splices by source
+        self._drains: dict[int, Splice] = {}  # splices not done, by drain
+        self._records: dict[int, tuple[int, Splice]] = {}  # ended, by source
         self._records_limit = _RECORDS_MIN
         if "gevent" in sys.modules:  # workers' log records go to this thread's hub
             from .gevent import adopt_current_hub
@@ -314,7 +318,7 @@ class SplicePool:
             for ep, info in ((src_ep, src_info), (dst_ep, dst_info)):
                 ep.owned = True
                 if info.fd != ep.fd and info.fd not in ep.adopted:
-                    ep.adopted.append(info.fd)
+                    ep.adopted += (info.fd,)
         sp = Splice(self, src, dst, max, idle or None, index)
         sp._src, sp._dst = src_ep, dst_ep
         sp._user_fd = src_info.fd

@@ -80,9 +80,10 @@ class Counters:
 class _Conn:
     """One accepted connection: while its upstream connects, then until it is logged."""
 
-    __slots__ = ("id", "client", "peer", "started", "upstream", "deadline", "relay")
+    __slots__ = ("id", "client", "peer", "started", "upstream", "deadline", "relay", "_server")
 
-    def __init__(self, id: int, client: socket.socket, peer: str, started: float) -> None:
+    def __init__(self, server: ProxyServer, id: int, client: socket.socket, peer: str, started: float) -> None:
+        self._server = server
         self.id = id
         self.client: socket.socket | None = client
         self.peer = peer
@@ -90,6 +91,11 @@ class _Conn:
         self.upstream: socket.socket | None = None
         self.deadline = 0.0
         self.relay: Proxy | None = None
+
+    def finished(self, _relay: Proxy) -> None:
+        """The relay's done callback (a worker thread): queue it for the loop to log."""
+        self._server._finished.append(self)
+        self._server._wake()
 
 
 class ProxyServer:
@@ -245,7 +251,7 @@ class ProxyServer:
                 raise
             self.counters.accepted += 1
             self._ids += 1
-            conn = _Conn(self._ids, client, format_addr(peer), time.monotonic())
+            conn = _Conn(self, self._ids, client, format_addr(peer), time.monotonic())
             self._start_connect(conn)
 
     def _start_connect(self, conn: _Conn) -> None:
@@ -307,24 +313,23 @@ class ProxyServer:
         )
 
     def _hand_over(self, conn: _Conn) -> None:
+        client, up = conn.client, conn.upstream
+        assert client is not None and up is not None
+        conn.client = conn.upstream = None
+        # The pool takes the bare fds (it owns them from here): no socket object
+        # per connection stays alive while it is proxied.
+        a, b = client.detach(), up.detach()
         try:
-            relay = self.pool.proxy(conn.client, conn.upstream, idle=self.idle)
+            relay = self.pool.proxy(a, b, idle=self.idle)
         except (OSError, RuntimeError) as exc:
             self.counters.refused += 1
             log.warning("conn %d %s: not proxied: %s", conn.id, conn.peer, exc)
-            conn.client.close()
-            if conn.upstream is not None:
-                conn.upstream.close()
+            os.close(a)
+            os.close(b)
             return
         conn.relay = relay
-        conn.client = conn.upstream = None  # the pool owns them now
         self.counters.live += 1
-
-        def finished(_relay: Proxy) -> None:  # a worker thread: hand over, wake the loop
-            self._finished.append(conn)
-            self._wake()
-
-        relay.add_done_callback(finished)
+        relay.add_done_callback(conn.finished)
 
     def _log_finished(self, conn: _Conn) -> None:
         relay = conn.relay

@@ -84,7 +84,7 @@ class Worker:
         self.ready: deque[Splice] = deque()
         self.timers: list[tuple[float, int, Splice]] = []
         self._seq = itertools.count()
-        self.fds: dict[int, list[Splice | None]] = {}  # fd -> [splice it is the source of, drain of]
+        self.fds: dict[int, Any] = {}  # fd -> its pool Endpoint, while a splice here uses it
         self.splices: set[Splice] = set()  # assigned here and not yet done
         self.accepting = True  # cleared (under the pool lock) when the loop exits
         self.thread_id: int | None = None
@@ -165,9 +165,9 @@ class Worker:
                 self.wakeups += 1
                 fds = self.fds
                 for fd, flags in events:
-                    entry = fds.get(fd)
-                    if entry is not None:
-                        self._dispatch(entry, flags)
+                    ep = fds.get(fd)
+                    if ep is not None:
+                        self._dispatch(ep, flags)
             if control:
                 self._process_control()
             if timers and timers[0][0] <= monotonic():
@@ -186,14 +186,26 @@ class Worker:
                         self._abandon(sp, EndReason.POOL_CLOSED, None)
                     return
 
-    def _dispatch(self, entry: list[Splice | None], flags: int) -> None:
-        """Readiness on an fd: queue the splice(s) it can move (FreeBSD's so_splice_dispatch)."""
-        src_of, drain_of = entry
+    def _dispatch(self, ep: Any, flags: int) -> None:
+        """Readiness on an fd: queue the splice(s) it can move (FreeBSD's so_splice_dispatch).
+
+        ``ep.src_of`` and ``ep.drain_of`` are the socket's two roles; a role may
+        belong to another worker (a socket shared by splices on two workers), and
+        each worker acts only on its own.
+        """
+        index = self.index
+        src_of = ep.src_of
         # A source whose splice waits for its drain is read when the drain wakes it.
-        if src_of is not None and flags & _hub.READ and not src_of._wait_drain:
+        if (
+            src_of is not None
+            and flags & _hub.READ
+            and not src_of._wait_drain
+            and src_of.worker == index
+        ):
             src_of._fresh = not flags & _hub.HANGUP
             self._make_ready(src_of)
-        if drain_of is not None:
+        drain_of = ep.drain_of
+        if drain_of is not None and drain_of.worker == index:
             if flags & _hub.ERROR:
                 drain_of._check_drain = True
                 self._make_ready(drain_of)
@@ -246,8 +258,8 @@ class Worker:
             self._abandon(sp, EndReason.POOL_CLOSED, None)
             return
         try:
-            self._add_role(sp._src.fd, 0, sp)
-            self._add_role(sp._dst.fd, 1, sp)
+            self._add_role(sp._src, 0, sp)
+            self._add_role(sp._dst, 1, sp)
         except OSError as exc:
             self._abandon(sp, EndReason.ERROR, exc)
             return
@@ -291,46 +303,54 @@ class Worker:
                 self._end(sp, EndReason.POOL_CLOSED, None)
 
     # -- fd roles on the hub ---------------------------------------------------
-    def _add_role(self, fd: int, role: int, sp: Splice) -> None:
-        entry = self.fds.get(fd)
-        if entry is None:
-            self.hub.add(fd)
-            entry = self.fds[fd] = [None, None]
-        entry[role] = sp
-        self._update_interest(fd, entry)
-
-    def _drop_role(self, fd: int, role: int, sp: Splice) -> None:
-        entry = self.fds.get(fd)
-        if entry is None or entry[role] is not sp:
-            return
-        entry[role] = None
-        if entry[0] is None and entry[1] is None:
-            del self.fds[fd]
-            self.hub.remove(fd)
+    def _add_role(self, ep: Any, role: int, sp: Splice) -> None:
+        """``sp`` (on this worker) takes ``ep`` as its source (role 0) or drain (1)."""
+        if self.fds.get(ep.fd) is None:
+            self.hub.add(ep.fd)
+            self.fds[ep.fd] = ep
+        if role:
+            ep.drain_of = sp
         else:
-            self._update_interest(fd, entry)
+            ep.src_of = sp
+        self._update_interest(ep)
 
-    def _update_interest(self, fd: int, entry: list[Splice | None]) -> None:
-        src_of, drain_of = entry
+    def _drop_role(self, ep: Any, role: int, sp: Splice) -> None:
+        if (ep.drain_of if role else ep.src_of) is not sp:
+            return
+        if role:
+            ep.drain_of = None
+        else:
+            ep.src_of = None
+        if self._mine(ep.src_of) is None and self._mine(ep.drain_of) is None:
+            if self.fds.pop(ep.fd, None) is not None:
+                self.hub.remove(ep.fd)
+        else:
+            self._update_interest(ep)
+
+    def _mine(self, sp: Splice | None) -> Splice | None:
+        return sp if sp is not None and sp.worker == self.index else None
+
+    def _update_interest(self, ep: Any) -> None:
+        src_of = self._mine(ep.src_of)
+        drain_of = self._mine(ep.drain_of)
         read = src_of is not None and not src_of._wait_drain
         write = drain_of is not None and drain_of._wait_drain
-        self.hub.interest(fd, read, write)
+        self.hub.interest(ep.fd, read, write)
 
     def _wait_for(self, sp: Splice, drain: bool) -> None:
         """Say what the splice waits for next; arms the drain on every drain wait."""
+        src, dst = sp._src, sp._dst
         if drain:
             was = sp._wait_drain
             sp._wait_drain = True
-            fd = sp._dst.fd
-            self._update_interest(fd, self.fds[fd])
-            if not was and sp._src.fd != fd and not sp._finishing:
-                self._update_interest(sp._src.fd, self.fds[sp._src.fd])
+            self._update_interest(dst)
+            if not was and src is not dst and not sp._finishing:
+                self._update_interest(src)
         elif sp._wait_drain:
             sp._wait_drain = False
-            for fd in {sp._src.fd, sp._dst.fd}:
-                entry = self.fds.get(fd)
-                if entry is not None:
-                    self._update_interest(fd, entry)
+            for ep in (src, dst) if src is not dst else (src,):
+                if self.fds.get(ep.fd) is ep:
+                    self._update_interest(ep)
 
     # -- timers ------------------------------------------------------------------
     def _expire_timers(self, now: float) -> None:
@@ -567,7 +587,7 @@ class Worker:
         else:
             sp._set_state(S.EXCEPTION)
         sp._finishing = True
-        self._drop_role(sp._src.fd, 0, sp)
+        self._drop_role(sp._src, 0, sp)
         self.pool._source_ended(sp)
         mover = sp._mover
         if drop and mover is not None:
@@ -609,8 +629,8 @@ class Worker:
             if mover.pending:
                 sp.dropped += mover.drop()
             mover.release()
-        self._drop_role(sp._src.fd, 0, sp)
-        self._drop_role(sp._dst.fd, 1, sp)
+        self._drop_role(sp._src, 0, sp)
+        self._drop_role(sp._dst, 1, sp)
         self.splices.discard(sp)
         relay = sp._proxy
         if relay is not None:

@@ -40,7 +40,7 @@ from conftest import (
     until,
 )
 
-from splicepool import EndReason, SplicePool, SpliceState
+from splicepool import EndReason, SplicePool, SpliceState, _checks
 
 MiB = 1 << 20
 HAVE_SPLICE = hasattr(os, "splice")
@@ -142,10 +142,10 @@ def fd_is_open(fd: int) -> bool:
     return True
 
 
-def socket_key(sock_or_fd) -> tuple[int, int]:
+def socket_key(sock_or_fd) -> int:
+    """The pool's key for a socket (its inode number), as pool.py keys its books."""
     fd = sock_or_fd if isinstance(sock_or_fd, int) else sock_or_fd.fileno()
-    st = os.fstat(fd)
-    return (st.st_dev, st.st_ino)
+    return _checks.socket_key(fd)
 
 
 @pytest.fixture(params=["splice", "copy"])

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from splicepool import EndReason, SplicePool, SpliceState
+from splicepool import EndReason, SplicePool, SpliceState, _checks
 from splicepool.splice import LIVE_STATES
 
 S = SpliceState
@@ -44,9 +44,9 @@ SETTLE = 5.0  # seconds a step may take to reach a quiet state
 # -- helpers ----------------------------------------------------------------------------
 
 
-def key_of(fd: int) -> tuple[int, int]:
-    st_ = os.fstat(fd)
-    return (st_.st_dev, st_.st_ino)
+def key_of(fd: int) -> int:
+    """The pool's key for the socket behind ``fd`` (its inode number)."""
+    return _checks.socket_key(fd)
 
 
 
