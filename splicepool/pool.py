@@ -70,8 +70,8 @@ class Endpoint:
         self.sndbuf = 0
         self.sndbuf_age = 1 << 30  # read SO_SNDBUF on the first pass
         self.space = 0  # free send buffer at the last SIOCOUTQ, less what was sent since
-        self.src_of: Splice | None = None  # the worker-side roles: the splice reading from it,
-        self.drain_of: Splice | None = None  # and the one writing into it (set by their worker)
+        self.src_of: Splice | None = None  # the live splice reading from it
+        self.drain_of: Splice | None = None  # the splice (not done) writing into it
         self.was_blocking = os.get_blocking(fd)
         self.sock = _checks.wrap(fd)
         try:
@@ -186,8 +186,8 @@ class SplicePool:
         self._next = 0
         self._closed = False
         self._endpoints: dict[int, Endpoint] = {}
-        self._sources: dict[int, Splice] = {}  # live splices by source
-        self._drains: dict[int, Splice] = {}  # splices not done, by drain
+        # Who splices what lives on the endpoints (lock held to change it): ep.src_of, the
+        # live splice reading from it; ep.drain_of, the splice (not done) writing into it.
         self._records: dict[int, tuple[int, Splice]] = {}  # ended, by source
         self._records_limit = _RECORDS_MIN
         if "gevent" in sys.modules:  # workers' log records go to this thread's hub
@@ -205,6 +205,21 @@ class SplicePool:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"live={len(self._sources)}"
         return f"<SplicePool workers={len(self._workers)} {state}>"
+
+    @property
+    def _sources(self) -> dict[int, Splice]:
+        """Live splices by source key (a snapshot of the endpoints' roles)."""
+        return {key: ep.src_of for key, ep in list(self._endpoints.items()) if ep.src_of is not None}
+
+    @property
+    def _drains(self) -> dict[int, Splice]:
+        """Splices not yet done by drain key (a snapshot of the endpoints' roles)."""
+        return {key: ep.drain_of for key, ep in list(self._endpoints.items()) if ep.drain_of is not None}
+
+    def _role(self, key: int, role: str) -> Splice | None:
+        """The splice holding socket ``key`` as ``"src_of"`` or ``"drain_of"`` (lock held)."""
+        ep = self._endpoints.get(key)
+        return getattr(ep, role) if ep is not None else None
 
     @property
     def workers(self) -> int:
@@ -259,11 +274,11 @@ class SplicePool:
     def _check_free(self, src_info: SockInfo, dst_info: SockInfo) -> None:
         """The checks that depend on the sockets' state and the pool's (lock held)."""
         _checks.check_endpoint(src_info, accept_connecting=True)
-        busy = self._sources.get(src_info.key)
+        busy = self._role(src_info.key, "src_of")
         if busy is not None:
             raise oserror(errno.EBUSY, f"{src_info.label} is already spliced (to drain {busy._dst.label})")
         _checks.check_endpoint(dst_info, accept_connecting=True)
-        busy = self._drains.get(dst_info.key)
+        busy = self._role(dst_info.key, "drain_of")
         if busy is not None:
             raise oserror(errno.EBUSY, f"{dst_info.label} is already the drain of source {busy._src.label}")
 
@@ -300,7 +315,7 @@ class SplicePool:
         for both directions, and no second thread woken by every byte. Others
         go round-robin.
         """
-        for other in (self._drains.get(src_info.key), self._sources.get(dst_info.key)):
+        for other in (self._role(src_info.key, "drain_of"), self._role(dst_info.key, "src_of")):
             if other is not None:
                 worker = self._workers[other.worker]
                 if worker is not None and worker.accepting:
@@ -322,8 +337,8 @@ class SplicePool:
         sp = Splice(self, src, dst, max, idle or None, index)
         sp._src, sp._dst = src_ep, dst_ep
         sp._user_fd = src_info.fd
-        self._sources[src_info.key] = sp
-        self._drains[dst_info.key] = sp
+        src_ep.src_of = sp
+        dst_ep.drain_of = sp
         self._records.pop(src_info.key, None)
         return sp
 
@@ -408,7 +423,7 @@ class SplicePool:
         if info.listening:
             raise oserror(errno.EINVAL, f"{info.label} is listening: nothing to unsplice")
         with self._lock:
-            sp = self._sources.get(info.key)
+            sp = self._role(info.key, "src_of")
         if sp is None:
             raise oserror(errno.ENOTCONN, f"{info.label} is not spliced (as a source)")
         self._unsplice_splice(sp)
@@ -422,7 +437,7 @@ class SplicePool:
         """
         with self._lock:
             self._check_open()
-            if self._sources.get(sp._src.key) is not sp:
+            if sp._src.src_of is not sp:
                 raise oserror(errno.ENOTCONN, f"source {sp._src.label} is not spliced (as a source)")
             worker = self._workers[sp.worker]
             if worker is None or not worker.accepting:
@@ -444,7 +459,7 @@ class SplicePool:
     def _abort(self, sp: Splice) -> None:
         """End ``sp`` with UNSPLICED without waiting, from any thread; nothing if it has ended."""
         with self._lock:
-            if self._sources.get(sp._src.key) is not sp:
+            if sp._src.src_of is not sp:
                 return
             worker = self._workers[sp.worker]
             if worker is None or not worker.accepting:
@@ -482,7 +497,7 @@ class SplicePool:
         except (OSError, OverflowError) as exc:
             raise oserror(errno.EBADF, f"source fd {fd} is not an open file descriptor") from exc
         with self._lock:
-            sp = self._sources.get(key)
+            sp = self._role(key, "src_of")
             if sp is None:
                 record = self._records.get(key)
                 if record is None:
@@ -495,8 +510,8 @@ class SplicePool:
         """The splice stopped taking from its source: free the source, keep its counter."""
         src = sp._src
         with self._lock:
-            if self._sources.get(src.key) is sp:
-                del self._sources[src.key]
+            if src.src_of is sp:
+                src.src_of = None
             if src.owned:
                 return  # the pool closes it: its counter dies with it
             self._records[src.key] = (sp._user_fd, sp)
@@ -523,7 +538,7 @@ class SplicePool:
         hub does not watch a drain for errors, and the read took the socket's error.
         """
         with self._lock:
-            sp = self._drains.get(ep.key)
+            sp = ep.drain_of
             if sp is None or sp.state not in LIVE_STATES:
                 return
             owner = self._workers[sp.worker]
@@ -535,12 +550,8 @@ class SplicePool:
         worker.check_drain(sp)
 
     def _splice_done(self, sp: Splice) -> None:
-        """Nothing of the splice is in flight: free the drain and the endpoints."""
+        """Nothing of the splice is in flight (its worker freed the drain): free the endpoints."""
         with self._lock:
-            if self._drains.get(sp._dst.key) is sp:
-                del self._drains[sp._dst.key]
-            if self._sources.get(sp._src.key) is sp:
-                del self._sources[sp._src.key]
             self._put_endpoint(sp._src)
             self._put_endpoint(sp._dst)
 
@@ -584,7 +595,7 @@ class SplicePool:
                 workers.append(
                     {
                         "index": index,
-                        "live": sum(1 for sp in list(worker.splices) if sp.state in LIVE_STATES),
+                        "live": sum(1 for sp in worker.assigned() if sp.state in LIVE_STATES),
                         "bytes": worker.bytes,
                         "passes": worker.passes,
                         "wakeups": worker.wakeups,

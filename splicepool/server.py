@@ -10,7 +10,6 @@ counters are served as JSON (``/stats``) and Prometheus text (``/metrics``).
 from __future__ import annotations
 
 import errno
-import heapq
 import logging
 import os
 import selectors
@@ -141,7 +140,10 @@ class ProxyServer:
         self._paused_until = 0.0
         self._ids = 0
         self._connecting: dict[int, _Conn] = {}  # upstream fd -> connection
-        self._deadlines: list[tuple[float, int, int]] = []  # (deadline, conn id, upstream fd)
+        # Connects in progress, oldest first: with one timeout for all, that is deadline order.
+        # A connection leaves when it is due; one that connected or failed (deadline 0) is
+        # dropped as soon as it reaches the head, so the queue holds no finished connect long.
+        self._deadlines: deque[_Conn] = deque()
         self._finished: deque[_Conn] = deque()  # filled by workers' done callbacks
         self._stopping = False
         self._stop_requested = False
@@ -187,7 +189,7 @@ class ProxyServer:
     def _timeout(self, now: float, drain_until: float | None) -> float | None:
         timeout = None
         if self._deadlines:
-            timeout = max(0.0, self._deadlines[0][0] - now)
+            timeout = max(0.0, self._deadlines[0].deadline - now)
         if self._paused_until:
             left = max(0.0, self._paused_until - now)
             timeout = left if timeout is None else min(timeout, left)
@@ -210,10 +212,10 @@ class ProxyServer:
         while self._finished:
             self._log_finished(self._finished.popleft())
         now = time.monotonic()
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, conn_id, fd = heapq.heappop(self._deadlines)
-            conn = self._connecting.get(fd)
-            if conn is not None and conn.id == conn_id:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0].deadline <= now:
+            conn = deadlines.popleft()
+            if conn.deadline:
                 self._connect_failed(conn, OSError(errno.ETIMEDOUT, "connect timed out"))
         if self._paused_until and now >= self._paused_until:
             self._paused_until = 0.0
@@ -280,7 +282,7 @@ class ProxyServer:
             conn.deadline = time.monotonic() + self.connect_timeout
             self._connecting[up.fileno()] = conn
             self._sel.register(up, selectors.EVENT_WRITE, conn)
-            heapq.heappush(self._deadlines, (conn.deadline, conn.id, up.fileno()))
+            self._deadlines.append(conn)
         else:
             self._connect_failed(conn, OSError(err, os.strerror(err)), registered=False)
 
@@ -293,9 +295,11 @@ class ProxyServer:
             return
         self._sel.unregister(up)
         del self._connecting[up.fileno()]
+        conn.deadline = 0.0
         self._hand_over(conn)
 
     def _connect_failed(self, conn: _Conn, exc: OSError, registered: bool = True) -> None:
+        conn.deadline = 0.0
         up = conn.upstream
         if up is not None:
             if registered:

@@ -85,7 +85,6 @@ class Worker:
         self.timers: list[tuple[float, int, Splice]] = []
         self._seq = itertools.count()
         self.fds: dict[int, Any] = {}  # fd -> its pool Endpoint, while a splice here uses it
-        self.splices: set[Splice] = set()  # assigned here and not yet done
         self.accepting = True  # cleared (under the pool lock) when the loop exits
         self.thread_id: int | None = None
         self.exited = _native.Event()
@@ -119,7 +118,7 @@ class Worker:
         except BaseException as exc:  # a bug: report it, end what it held, never hang
             _native.report(logging.CRITICAL, "splicepool: worker %d crashed", self.index, exc_info=True)
             err = OSError(errno.EIO, f"splicepool worker {self.index} crashed: {exc!r}")
-            for sp in list(self.splices):
+            for sp in self.assigned():
                 self._abandon(sp, EndReason.ERROR, err)
         finally:
             self._exit()
@@ -135,7 +134,7 @@ class Worker:
             elif msg[0] == "unsplice" and msg[2] is not None:
                 msg[2].set()
         self.control.clear()
-        for sp in list(self.splices):
+        for sp in self.assigned():
             self._abandon(sp, EndReason.POOL_CLOSED, None)
         self.pipes.close()
         self.hub.close()
@@ -179,10 +178,10 @@ class Worker:
                 sp._queued = False
                 self._xfer(sp)
             if self._closing_at is not None:
-                if not self.splices:
+                if not self.fds:
                     return
                 if monotonic() >= self._closing_at:
-                    for sp in list(self.splices):
+                    for sp in self.assigned():
                         self._abandon(sp, EndReason.POOL_CLOSED, None)
                     return
 
@@ -253,13 +252,12 @@ class Worker:
             self._make_ready(sp)
 
     def _add(self, sp: Splice) -> None:
-        self.splices.add(sp)
         if self._closing_at is not None:
             self._abandon(sp, EndReason.POOL_CLOSED, None)
             return
         try:
-            self._add_role(sp._src, 0, sp)
-            self._add_role(sp._dst, 1, sp)
+            self._watch(sp._src)
+            self._watch(sp._dst)
         except OSError as exc:
             self._abandon(sp, EndReason.ERROR, exc)
             return
@@ -298,34 +296,37 @@ class Worker:
 
     def _close(self, grace: float) -> None:
         self._closing_at = _native.monotonic() + max(grace, 0.0)
-        for sp in list(self.splices):
+        for sp in self.assigned():
             if sp.state in LIVE_STATES:
                 self._end(sp, EndReason.POOL_CLOSED, None)
 
     # -- fd roles on the hub ---------------------------------------------------
-    def _add_role(self, ep: Any, role: int, sp: Splice) -> None:
-        """``sp`` (on this worker) takes ``ep`` as its source (role 0) or drain (1)."""
+    def _watch(self, ep: Any) -> None:
+        """Watch a socket a splice here has just taken a role on (the pool set the role)."""
         if self.fds.get(ep.fd) is None:
             self.hub.add(ep.fd)
             self.fds[ep.fd] = ep
-        if role:
-            ep.drain_of = sp
-        else:
-            ep.src_of = sp
         self._update_interest(ep)
 
-    def _drop_role(self, ep: Any, role: int, sp: Splice) -> None:
-        if (ep.drain_of if role else ep.src_of) is not sp:
+    def _unwatch(self, ep: Any) -> None:
+        """A role on ``ep`` was given up: stop watching it once no splice here holds one."""
+        if self.fds.get(ep.fd) is not ep:
             return
-        if role:
-            ep.drain_of = None
-        else:
-            ep.src_of = None
         if self._mine(ep.src_of) is None and self._mine(ep.drain_of) is None:
-            if self.fds.pop(ep.fd, None) is not None:
-                self.hub.remove(ep.fd)
+            del self.fds[ep.fd]
+            self.hub.remove(ep.fd)
         else:
             self._update_interest(ep)
+
+    def assigned(self) -> list[Splice]:
+        """This worker's splices not yet done (taken up, so each holds a role on a watched fd)."""
+        found: dict[Splice, None] = {}
+        index = self.index
+        for ep in list(self.fds.values()):
+            for sp in (ep.src_of, ep.drain_of):
+                if sp is not None and sp.worker == index:
+                    found[sp] = None
+        return list(found)
 
     def _mine(self, sp: Splice | None) -> Splice | None:
         return sp if sp is not None and sp.worker == self.index else None
@@ -587,8 +588,8 @@ class Worker:
         else:
             sp._set_state(S.EXCEPTION)
         sp._finishing = True
-        self._drop_role(sp._src, 0, sp)
-        self.pool._source_ended(sp)
+        self.pool._source_ended(sp)  # gives up the source role
+        self._unwatch(sp._src)
         mover = sp._mover
         if drop and mover is not None:
             sp.dropped += mover.drop()
@@ -629,9 +630,12 @@ class Worker:
             if mover.pending:
                 sp.dropped += mover.drop()
             mover.release()
-        self._drop_role(sp._src, 0, sp)
-        self._drop_role(sp._dst, 1, sp)
-        self.splices.discard(sp)
+        src, dst = sp._src, sp._dst
+        if dst.drain_of is sp:
+            dst.drain_of = None  # the drain is free: another splice may take it now
+        self._unwatch(src)
+        if dst is not src:
+            self._unwatch(dst)
         relay = sp._proxy
         if relay is not None:
             relay._direction_ending(sp)  # half-close or abort, while its sockets are open
@@ -651,5 +655,4 @@ class Worker:
             else:
                 self._end(sp, reason, error, drop=True)
                 return
-        self.splices.add(sp)
         self._finish(sp)
