@@ -160,6 +160,8 @@ class Splice(_Waitable):
         "_src",
         "_dst",
         "_mover",
+        "_copy",
+        "_bulk",
         "_queued",
         "_wait_drain",
         "_check_drain",
@@ -196,12 +198,14 @@ class Splice(_Waitable):
         self._pool = pool
         self._src: Any = None  # the pool's endpoints (set by the pool)
         self._dst: Any = None
-        self._mover: Any = None  # set by the worker: ZeroCopyMover or CopyMover
+        self._mover: Any = None  # while bytes are in flight or a pass runs: its worker's mover
+        self._copy = not pool._zero_copy  # moves with recv/send (set for good on a fallback)
+        self._bulk = False  # zero-copy: the last read filled the small buffer, so splice next
         self._queued = False  # on the worker's ready queue
         self._wait_drain = False  # waiting for the drain to become writable
         self._check_drain = False  # the drain reported an error or hang-up
         self._fresh = False  # queued by a source read event with no hang-up (see Worker._pass)
-        self._last_move = 0.0  # monotonic time of the last pass that moved bytes
+        self._last_move = 0.0  # monotonic time of the last pass that moved bytes (with idle only)
         self._finishing = False  # ended, delivering the leftover
         self._user_fd = -1  # the caller's fd number for the source (to notice it closing)
         self._proxy: Any = None  # the Proxy this splice is a direction of
@@ -212,10 +216,7 @@ class Splice(_Waitable):
     def zero_copy(self) -> bool:
         """True on the zero-copy path (bulk moves with os.splice, never entering Python; reads
         under ``small_copy`` bytes are copied), False on the copy path."""
-        mover = self._mover
-        if mover is None:
-            return self._pool._zero_copy
-        return mover.zero_copy
+        return not self._copy
 
     @property
     def in_flight(self) -> int:

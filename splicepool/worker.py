@@ -32,6 +32,7 @@ _LOW_WATER_MAX = 64 * 1024  # below this much drain space (and less than wanted)
 _MAX_SLEEP = 3600.0  # longest single hub sleep, in seconds
 _MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 _SNDBUF_REFRESH = 32  # passes between re-reads of the drain's SO_SNDBUF (TCP autotuning grows it)
+_SPARE_MOVERS = 64  # idle movers a worker keeps for its next passes
 
 try:
     import fcntl
@@ -80,6 +81,8 @@ class Worker:
         self.budget = max(pool._pipe_size, 256 * 1024) * 2  # bytes per pass, then requeue
         self._copybuf: memoryview | None = None
         self._smallbuf: memoryview | None = None
+        self._spare_zc: list[ZeroCopyMover] = []
+        self._spare_copy: list[CopyMover] = []
         self.control: deque[tuple[Any, ...]] = deque()
         self.ready: deque[Splice] = deque()
         self.timers: list[tuple[float, int, Splice]] = []
@@ -261,25 +264,45 @@ class Worker:
         except OSError as exc:
             self._abandon(sp, EndReason.ERROR, exc)
             return
-        if sp._mover is None:
-            sp._mover = self._new_mover()
-        if sp._mover.zero_copy:
-            self.zero_copy += 1
-        else:
+        if sp._copy:
             self.copy += 1
-        now = _native.monotonic()
-        sp._last_move = now
+        else:
+            self.zero_copy += 1
         if sp.idle:
+            now = sp._last_move = _native.monotonic()
             heapq.heappush(self.timers, (now + sp.idle, next(self._seq), sp))
         # The first pass runs now, before pool.splice() returns: data already in the
         # source moves at once, as both kernels move it inside setsockopt().
         sp._set_state(S.QUEUED)
         self._xfer(sp)
 
-    def _new_mover(self) -> ZeroCopyMover | CopyMover:
-        if self.pool._zero_copy:
-            return ZeroCopyMover(self.pipes, self._small_buffer())
-        return CopyMover(self._copy_buffer())
+    # -- movers: one per splice while it has bytes in flight or a pass running ------------
+    def _checkout(self, sp: Splice) -> Any:
+        """Give ``sp`` a mover for a pass (an idle splice holds none, nor its pipe)."""
+        if sp._copy:
+            spare = self._spare_copy
+            mover = spare.pop() if spare else CopyMover(self._copy_buffer())
+        else:
+            spare = self._spare_zc
+            mover = spare.pop() if spare else ZeroCopyMover(self.pipes, self._small_buffer())
+            mover.copied = not sp._bulk and mover._small is not None
+        sp._mover = mover
+        return mover
+
+    def _checkin(self, sp: Splice) -> None:
+        """Take back ``sp``'s mover once nothing of it is in flight (it keeps it otherwise)."""
+        mover = sp._mover
+        if mover is None or mover.pending:
+            return
+        mover.release()
+        sp._mover = None
+        if mover.zero_copy:
+            sp._bulk = not mover.copied  # the next pass starts where this one left off
+            spare = self._spare_zc
+        else:
+            spare = self._spare_copy
+        if len(spare) < _SPARE_MOVERS:
+            spare.append(mover)
 
     def _small_buffer(self) -> memoryview | None:
         size = self.pool._small_copy
@@ -399,9 +422,11 @@ class Worker:
         moved = sp.transferred - before
         if moved:
             self.bytes += moved
-            sp._last_move = _native.monotonic()
+            if sp.idle:  # only an idle timer reads it
+                sp._last_move = _native.monotonic()
         if outcome == _ENDED:
             return
+        self._checkin(sp)
         if outcome == _REQUEUE:
             sp._set_state(S.QUEUED)
             sp._queued = True
@@ -414,6 +439,8 @@ class Worker:
 
     def _pass(self, sp: Splice) -> int:
         mover = sp._mover
+        if mover is None:
+            mover = self._checkout(sp)
         src = sp._src
         dst = sp._dst
         woke_for_drain = sp._wait_drain
@@ -436,7 +463,6 @@ class Worker:
             if limit:
                 rest = limit - sp.taken
                 if rest <= 0:
-                    mover.release()
                     return self._end(sp, EndReason.MAX, None)
                 if rest < want:
                     want = rest
@@ -447,7 +473,6 @@ class Worker:
             n = want if space >= want else space
             if n < low and n < want:
                 if not woke_for_drain:
-                    mover.release()
                     return _WAIT_DRAIN
                 # The drain said it is writable: trust it for one low-water chunk, so an
                 # estimate that lags the kernel can never spin us on drain wakeups.
@@ -456,19 +481,16 @@ class Worker:
             try:
                 got = mover.pull(src, n)
             except BlockingIOError:
-                mover.release()
                 return _WAIT_SOURCE
             except NotSpliceable as exc:
                 self._to_copy(sp, exc)
                 mover = sp._mover
                 continue
             except OSError as exc:
-                mover.release()
                 self._end(sp, EndReason.ERROR, _socket_error(src, exc, "source"))
                 self.pool._drain_failed(src, self)  # a relay's reverse direction drains into it
                 return _ENDED
             if not got:
-                mover.release()
                 if src.error:  # another call on this socket took its error: it is no EOF
                     return self._end(sp, EndReason.ERROR, _socket_error(src, None, "source"))
                 return self._end(sp, EndReason.EOF, None)
@@ -481,11 +503,9 @@ class Worker:
                 # A copy read took less than asked: the source was drained. The event
                 # that queued this pass saw no FIN or error, and anything arriving from
                 # now on raises a new one, so the read that would say EAGAIN is skipped.
-                mover.release()
                 return _WAIT_SOURCE
             budget -= got
             if budget <= 0:
-                mover.release()
                 return _REQUEUE
 
     def _push(self, sp: Splice, mover: Any, dst: Any) -> bool:
@@ -569,8 +589,9 @@ class Worker:
     def _to_copy(self, sp: Splice, why: BaseException) -> None:
         """Switch a splice to the copy path for good (nothing is pending)."""
         _native.report(logging.WARNING, "splicepool: %r falls back to the copy path: %s", sp, why)
-        sp._mover.release()
-        sp._mover = CopyMover(self._copy_buffer())
+        self._checkin(sp)
+        sp._copy = True
+        self._checkout(sp)
         self.zero_copy -= 1
         self.copy += 1
 
@@ -615,7 +636,8 @@ class Worker:
             sp.transferred += moved
             sp._dst.space -= moved
             self.bytes += moved
-            sp._last_move = _native.monotonic()
+            if sp.idle:
+                sp._last_move = _native.monotonic()
         if mover.pending:
             self._wait_for(sp, drain=True)  # its idle timer, if any, still runs
         else:
@@ -629,7 +651,7 @@ class Worker:
         if mover is not None:
             if mover.pending:
                 sp.dropped += mover.drop()
-            mover.release()
+            self._checkin(sp)
         src, dst = sp._src, sp._dst
         if dst.drain_of is sp:
             dst.drain_of = None  # the drain is free: another splice may take it now
