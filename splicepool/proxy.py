@@ -86,9 +86,13 @@ class Proxy(_Waitable):
                     pass  # it ended meanwhile, or the pool is closing and ends it
 
     # -- called by the worker, before the direction's endpoints are released -----
+    def _other(self, sp: Splice) -> Splice:
+        """The direction that is not ``sp``."""
+        return self.reverse if sp is self.forward else self.forward
+
     def _direction_ending(self, sp: Splice) -> None:
         """One direction is about to be done (its worker's thread; its sockets still open)."""
-        other = self.reverse if sp is self.forward else self.forward
+        other = self._other(sp)
         if sp.reason is EndReason.EOF and self.half_close:
             # Forward the half-close: the peer behind the drain sees our FIN.
             try:
@@ -145,9 +149,7 @@ def proxy(
         fwd = pool._commit(fwd_plan, 0, idle)
         rev = pool._commit(rev_plan, 0, idle)
         relay.forward, relay.reverse = fwd, rev
-        for sp, partner in ((fwd, rev), (rev, fwd)):
-            sp._proxy = relay
-            sp._partner = partner  # idle means no byte moved either way
+        fwd._proxy = rev._proxy = relay
         acks = [pool._post(fwd), pool._post(rev)]
     _detach(a, b)  # the pool owns them now, even if this greenlet is killed while waiting
     for ack in acks:

@@ -91,7 +91,7 @@ class _Conn:
         self.deadline = 0.0
         self.relay: Proxy | None = None
 
-    def finished(self, _relay: Proxy) -> None:
+    def __call__(self, _relay: Proxy) -> None:
         """The relay's done callback (a worker thread): queue it for the loop to log."""
         self._server._finished.append(self)
         self._server._wake()
@@ -333,7 +333,7 @@ class ProxyServer:
             return
         conn.relay = relay
         self.counters.live += 1
-        relay.add_done_callback(conn.finished)
+        relay.add_done_callback(conn)
 
     def _log_finished(self, conn: _Conn) -> None:
         relay = conn.relay

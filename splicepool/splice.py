@@ -91,7 +91,8 @@ class _Waitable:
     def __init__(self) -> None:
         self._ended = False
         self._event: _native.Event | None = None  # made by the first waiter
-        self._callbacks: list[Callable[[Any], Any]] | None = None
+        # None, the one callback (most handles have at most one), or a list of them.
+        self._callbacks: Callable[[Any], Any] | list[Callable[[Any], Any]] | None = None
 
     def done(self) -> bool:
         """True once it has ended and nothing of it is left in flight."""
@@ -117,10 +118,13 @@ class _Waitable:
         """
         with _DONE_LOCK:
             if not self._ended:
-                if self._callbacks is None:
-                    self._callbacks = [fn]
+                callbacks = self._callbacks
+                if callbacks is None:
+                    self._callbacks = fn
+                elif type(callbacks) is list:
+                    callbacks.append(fn)
                 else:
-                    self._callbacks.append(fn)
+                    self._callbacks = [callbacks, fn]
                 return
         _run_callback(fn, self)
 
@@ -132,8 +136,9 @@ class _Waitable:
             self._event = self._callbacks = None
         if event is not None:
             event.set()
-        for fn in callbacks or ():
-            _run_callback(fn, self)
+        if callbacks is not None:
+            for fn in callbacks if type(callbacks) is list else (callbacks,):
+                _run_callback(fn, self)
 
 
 class Splice(_Waitable):
@@ -170,7 +175,6 @@ class Splice(_Waitable):
         "_finishing",
         "_user_fd",
         "_proxy",
-        "_partner",
         "__weakref__",
     )
 
@@ -209,7 +213,6 @@ class Splice(_Waitable):
         self._finishing = False  # ended, delivering the leftover
         self._user_fd = -1  # the caller's fd number for the source (to notice it closing)
         self._proxy: Any = None  # the Proxy this splice is a direction of
-        self._partner: Splice | None = None  # the other direction: its activity counts for idle
 
     # -- read-only views -------------------------------------------------
     @property

@@ -384,9 +384,8 @@ class Worker:
             if sp.state is S.CLOSED or not sp.idle:
                 continue
             last = sp._last_move
-            partner = sp._partner
-            if partner is not None and partner._last_move > last:
-                last = partner._last_move  # a relay is idle only when neither way moves
+            if sp._proxy is not None:  # a relay is idle only when neither way moves
+                last = max(last, sp._proxy._other(sp)._last_move)
             deadline = last + sp.idle
             if deadline > now:  # something moved since: re-arm (one entry per splice)
                 heapq.heappush(timers, (deadline, next(self._seq), sp))
