@@ -12,12 +12,15 @@ source is moved into the drain by a worker thread, zero-copy on Linux
 from __future__ import annotations
 
 import atexit
-from typing import Any
 
 from . import _native
 from .pool import SplicePool
 from .proxy import Proxy
 from .splice import EndReason, Splice, SpliceState
+
+TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = [
     "EndReason",

@@ -9,10 +9,13 @@ import resource
 import signal
 import socket
 import sys
-from typing import Any
 
 from .pool import SplicePool
 from .server import ProxyServer, parse_hostport
+
+TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
+if TYPE_CHECKING:
+    from typing import Any
 
 EPILOG = """\
 examples:

@@ -14,7 +14,11 @@ import os
 import socket
 import stat
 import sys
-from typing import Any, NamedTuple
+from collections import namedtuple
+
+TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
+if TYPE_CHECKING:
+    from typing import Any
 
 # Linux's TCP_INFO starts with the connection state; 2 is TCP_SYN_SENT.
 _TCP_SYN_SENT = 2
@@ -85,20 +89,20 @@ def _fmt_addr(addr: Any) -> str:
     return repr(addr) if addr else "unix"
 
 
-class SockInfo(NamedTuple):
-    """What the checks learned about one socket fd (a passive record)."""
+class SockInfo(
+    namedtuple(
+        "SockInfo", "fd key family type proto listening connected connecting tls label desc"
+    )
+):
+    """What the checks learned about one socket fd (a passive record).
 
-    fd: int
-    key: int  # the socket's inode number: survives fd-number reuse (see socket_key)
-    family: int
-    type: int
-    proto: int
-    listening: bool
-    connected: bool
-    connecting: bool
-    tls: bool
-    label: str  # "source fd 7 (127.0.0.1:5000 -> 127.0.0.1:40000)": role, fd, addresses
-    desc: str  # the same without the role: a socket can be a source and a drain at once
+    ``key``: the socket's inode number, which survives fd-number reuse (see
+    ``socket_key``). ``label``: "source fd 7 (127.0.0.1:5000 -> 127.0.0.1:40000)",
+    role, fd and addresses; ``desc``: the same without the role, as a socket
+    can be a source and a drain at once.
+    """
+
+    __slots__ = ()
 
     @property
     def spliceable(self) -> bool:

@@ -15,7 +15,10 @@ import os
 import select
 import sys
 import time
-from typing import Any
+
+TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _original(module: str, name: str, current: Any) -> Any:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from typing import TYPE_CHECKING, Any
 
 from . import _checks, _hub, _native
 from ._checks import SockInfo, oserror
@@ -19,7 +18,10 @@ from .splice import LIVE_STATES, EndReason, Splice
 from .worker import Worker
 from .xfer import HAVE_SPLICE
 
+TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
 if TYPE_CHECKING:
+    from typing import Any
+
     from .proxy import Proxy
 
 __all__ = ["SplicePool"]

@@ -14,14 +14,16 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any
 
 from . import _checks
 from ._checks import oserror
 from .pool import _detach
 from .splice import _DONE_LOCK, LIVE_STATES, EndReason, Splice, _Waitable
 
+TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
 if TYPE_CHECKING:
+    from typing import Any
+
     from .pool import SplicePool
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable, Generator
-from typing import TYPE_CHECKING, Any
 
 from . import _native
 
+TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
 if TYPE_CHECKING:
+    from typing import Any
+
     from .pool import SplicePool
 
 

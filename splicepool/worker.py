@@ -17,13 +17,15 @@ import logging
 import os
 import socket
 from collections import deque
-from typing import TYPE_CHECKING, Any
 
 from . import _hub, _native
 from .splice import LIVE_STATES, EndReason, Splice, SpliceState
 from .xfer import CopyMover, NotSpliceable, PipePool, ZeroCopyMover
 
+TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
 if TYPE_CHECKING:
+    from typing import Any
+
     from .pool import SplicePool
 
 S = SpliceState

@@ -27,9 +27,12 @@ import errno
 import os
 import socket
 import sys
-from typing import Any
 
 from . import _native
+
+TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
+if TYPE_CHECKING:
+    from typing import Any
 
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Python >= 3.10 names it, on Linux only)
