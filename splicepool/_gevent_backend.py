@@ -60,7 +60,7 @@ class GeventHub:
         pair = self._watchers.get(fd)
         if pair is None:
             return
-        for watcher, want, flag in ((pair[0], read, _hub.READ), (pair[1], write, _hub.WRITE)):
+        for watcher, want, flag in ((pair[0], read, _hub.IN), (pair[1], write, _hub.WRITE)):
             if want and not watcher.active:
                 watcher.start(self._ready, fd, flag)
             elif not want and watcher.active:

@@ -6,8 +6,13 @@ One contract, several mechanisms (as CPython's ``selectors`` does it):
   before the fd is closed: epoll keys on the open file, which a dup keeps alive).
 * ``interest(fd, read, write)`` says what the worker now waits for on ``fd``.
   Turning ``write`` on must guarantee a later wakeup once the fd is writable.
-* ``poll(timeout)`` returns ``[(fd, flags)]`` with flags from ``READ``,
-  ``WRITE``, ``ERROR`` (error or hang-up); ``timeout`` None sleeps until woken.
+* ``poll(timeout)`` returns ``[(fd, flags)]``; ``timeout`` None sleeps until
+  woken. ``flags`` are epoll's bits (Linux's numbers on every system), so the
+  epoll hub hands over the kernel's list as it is; test them with the masks
+  ``READ`` (worth reading: data, FIN or error), ``WRITE``, ``ERROR`` (error or
+  hang-up) and ``HANGUP`` (FIN or error: epoll only). Level-triggered hubs
+  report ``IN`` and ``WRITE`` only. The list may hold the hub's own waker fd,
+  which no caller watches: callers skip fds they did not add.
 * ``wake()`` may be called from any thread and makes ``poll`` return soon.
 * ``close()`` releases the hub's own fds.
 
@@ -29,10 +34,16 @@ TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB
 if TYPE_CHECKING:
     from typing import Any
 
-READ = 1
-WRITE = 2
-ERROR = 4
-HANGUP = 8  # the peer's FIN, or an error, was seen when the event was taken (epoll only)
+# epoll's event bits (the same numbers on every Linux architecture).
+IN = 0x001  # EPOLLIN: readable
+WRITE = 0x004  # EPOLLOUT: writable
+_ERR = 0x008  # EPOLLERR
+_HUP = 0x010  # EPOLLHUP
+_RDHUP = 0x2000  # EPOLLRDHUP: the peer's FIN
+# Masks the worker tests events with.
+READ = IN | _RDHUP | _ERR | _HUP  # worth a read: data, the peer's FIN, or an error
+ERROR = _ERR | _HUP
+HANGUP = _RDHUP | _ERR | _HUP  # the peer's FIN, or an error, was seen when the event was taken
 
 
 class _Waker:
@@ -103,23 +114,12 @@ class EpollHub:
 
     def poll(self, timeout: float | None) -> list[tuple[int, int]]:
         events = self._ep.poll(-1 if timeout is None else timeout, 512)
-        out = []
         wfd = self._waker.rfd
-        for fd, ev in events:
+        for fd, _ in events:  # the waker's own event is left in: its fd is no socket's
             if fd == wfd:
                 self._waker.consume()
-                continue
-            flags = 0
-            if ev & select.EPOLLIN:
-                flags |= READ
-            if ev & select.EPOLLOUT:
-                flags |= WRITE
-            if ev & select.EPOLLRDHUP:
-                flags |= READ | HANGUP
-            if ev & (select.EPOLLERR | select.EPOLLHUP):
-                flags |= ERROR | READ | HANGUP
-            out.append((fd, flags))
-        return out
+                break
+        return events
 
     def close(self) -> None:
         self._ep.close()
@@ -163,7 +163,7 @@ class SelectorHub:
             if key.fd == wfd:
                 self._waker.consume()
                 continue
-            flags = (READ if ev & selectors.EVENT_READ else 0) | (
+            flags = (IN if ev & selectors.EVENT_READ else 0) | (
                 WRITE if ev & selectors.EVENT_WRITE else 0
             )
             out.append((key.fd, flags))

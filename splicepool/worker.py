@@ -206,8 +206,23 @@ class Worker:
             and not src_of._wait_drain
             and src_of.worker == index
         ):
-            src_of._fresh = not flags & _hub.HANGUP
-            self._make_ready(src_of)
+            fresh = src_of._fresh = not flags & _hub.HANGUP
+            small = self._smallbuf
+            if (
+                fresh
+                and small is not None
+                and src_of.state is S.IDLE
+                and src_of._mover is None
+                and not src_of._bulk
+                and not src_of.max
+                and not src_of._check_drain
+                and src_of._dst.space >= len(small)
+                and not src_of._dst.connecting
+                and self._small_pass(src_of, small)
+            ):
+                pass
+            else:
+                self._make_ready(src_of)
         drain_of = ep.drain_of
         if drain_of is not None and drain_of.worker == index:
             if flags & _hub.ERROR:
@@ -298,10 +313,12 @@ class Worker:
             return
         mover.release()
         sp._mover = None
+        # The next pass starts where this one left off: small reads (and direct passes) or bulk.
         if mover.zero_copy:
-            sp._bulk = not mover.copied  # the next pass starts where this one left off
+            sp._bulk = not mover.copied
             spare = self._spare_zc
         else:
+            sp._bulk = not mover.short
             spare = self._spare_copy
         if len(spare) < _SPARE_MOVERS:
             spare.append(mover)
@@ -488,13 +505,9 @@ class Worker:
                 mover = sp._mover
                 continue
             except OSError as exc:
-                self._end(sp, EndReason.ERROR, _socket_error(src, exc, "source"))
-                self.pool._drain_failed(src, self)  # a relay's reverse direction drains into it
-                return _ENDED
+                return self._source_failed(sp, exc)
             if not got:
-                if src.error:  # another call on this socket took its error: it is no EOF
-                    return self._end(sp, EndReason.ERROR, _socket_error(src, None, "source"))
-                return self._end(sp, EndReason.EOF, None)
+                return self._source_eof(sp)
             sp.taken += got
             if not self._push(sp, mover, dst):
                 return _ENDED
@@ -508,6 +521,66 @@ class Worker:
             budget -= got
             if budget <= 0:
                 return _REQUEUE
+
+    def _source_failed(self, sp: Splice, exc: OSError) -> int:
+        src = sp._src
+        self._end(sp, EndReason.ERROR, _socket_error(src, exc, "source"))
+        self.pool._drain_failed(src, self)  # a relay's reverse direction drains into it
+        return _ENDED
+
+    def _source_eof(self, sp: Splice) -> int:
+        src = sp._src
+        if src.error:  # another call on this socket took its error: it is no EOF
+            return self._end(sp, EndReason.ERROR, _socket_error(src, None, "source"))
+        return self._end(sp, EndReason.EOF, None)
+
+    def _small_pass(self, sp: Splice, small: memoryview) -> bool:
+        """A whole pass for a small read, at dispatch: False if a queued pass must run instead.
+
+        Called for an IDLE splice whose source reported data (no FIN, no error) and
+        that holds nothing in flight, in small-read mode, with no ``max``, and whose
+        drain is known to take ``len(small)`` bytes. One ``recv_into`` and one
+        ``send``, no queue and no state change: a request or a reply costs two
+        syscalls and little more (FreeBSD's commit calls this direct dispatch). A
+        read that fills the buffer means more is waiting: the queued pass goes on.
+        """
+        n = len(small)
+        try:
+            got = sp._src.sock.recv_into(small, n)
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            self._source_failed(sp, exc)
+            return True
+        if not got:
+            self._source_eof(sp)
+            return True
+        self.passes += 1
+        sp.taken += got
+        dst = sp._dst
+        data = small[:got]
+        try:
+            sent = dst.sock.send(data, _MSG_NOSIGNAL)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._checkout(sp).hold(data, 0)
+            self._end(sp, EndReason.ERROR, _socket_error(dst, exc, "drain"), drop=True)
+            return True
+        if sent:
+            sp.transferred += sent
+            dst.space -= sent
+            self.bytes += sent
+            if sp.idle:
+                sp._last_move = _native.monotonic()
+        if sent < got:  # the drain took less than its space said: wait for it
+            self._checkout(sp).hold(data, sent)
+            self._wait_for(sp, drain=True)
+            return True
+        if got < n:
+            return True  # the source is drained; its next byte raises a new event
+        sp._bulk = True  # more is waiting: the queued pass streams it through the pipe
+        return False
 
     def _push(self, sp: Splice, mover: Any, dst: Any) -> bool:
         """Hand the mover's bytes to the drain; False if the drain failed (sp is then ended)."""

@@ -10,6 +10,8 @@ Both movers keep one contract, which the worker's xfer pass relies on:
   bytes the drain accepted (``BlockingIOError`` when it accepted none).
 * ``pending`` is what was pulled and not yet accepted by the drain: the
   leftover. ``drop()`` discards it (the drain is gone) and returns its size.
+  ``hold(data, sent)`` makes the rest of ``data`` (bytes the worker read and
+  sent itself, of which ``sent`` went) the leftover, to be pushed first.
 * ``release()`` gives back per-splice resources once ``pending`` is 0: an
   idle splice holds no pipe.
 
@@ -189,9 +191,9 @@ class ZeroCopyMover:
             try:
                 sent = dst.sock.send(left, _MSG_NOSIGNAL)
             except BaseException:
-                self._keep(left, 0)
+                self.hold(left, 0)
                 raise
-            self._keep(left, sent)
+            self.hold(left, sent)
             return sent
         pipe = self._pipe
         assert pipe is not None
@@ -199,7 +201,8 @@ class ZeroCopyMover:
         self.pending -= sent
         return sent
 
-    def _keep(self, left: Any, sent: int) -> None:
+    def hold(self, left: Any, sent: int) -> None:
+        """Keep what the drain did not take of ``left`` (``sent`` bytes of it went) as the leftover."""
         self._left = _leftover(left, sent)
         self.pending = len(self._left)
 
@@ -251,12 +254,13 @@ class CopyMover:
         try:
             sent = dst.sock.send(left, _MSG_NOSIGNAL)
         except BaseException:
-            self._keep(left, 0)
+            self.hold(left, 0)
             raise
-        self._keep(left, sent)
+        self.hold(left, sent)
         return sent
 
-    def _keep(self, left: Any, sent: int) -> None:
+    def hold(self, left: Any, sent: int) -> None:
+        """Keep what the drain did not take of ``left`` (``sent`` bytes of it went) as the leftover."""
         self._left = _leftover(left, sent)
         self.pending = len(self._left)
 

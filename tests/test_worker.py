@@ -194,6 +194,61 @@ def test_eight_bulk_splices_on_one_worker_all_finish(zero_copy):
             ln.close()
 
 
+# -- small messages (read and sent at dispatch, without a queued pass) ---------------------
+
+
+def test_request_and_reply_of_every_small_size_arrive_whole_in_order(zero_copy):
+    """Many request/response exchanges through a relay, one message in flight at a time:
+    each reply is exactly its request (a small read goes out in one direct pass)."""
+    a_peer, a = tcp_pair()
+    b, b_peer = tcp_pair()
+    with SplicePool(workers=1, zero_copy=zero_copy) as pool:
+        relay = pool.proxy(a, b)
+        sizes = [1, 63, 64, 1000, 4096, 16383, 16384, 16385, 40000] + list(range(100, 5000, 450))
+        for i, size in enumerate(sizes):
+            msg = payload(size, 100 + i)
+            a_peer.sendall(msg)
+            assert recv_exact(b_peer, size) == msg, size
+            b_peer.sendall(msg[::-1])
+            assert recv_exact(a_peer, size) == msg[::-1], size
+        total = sum(sizes)
+        assert until(lambda: relay.forward.transferred == total and relay.reverse.transferred == total)
+        assert relay.forward.dropped == relay.reverse.dropped == 0
+        a_peer.close()
+        b_peer.close()
+        assert relay.wait(10) in (EndReason.EOF, EndReason.ERROR)
+
+
+def test_a_small_read_the_drain_cannot_take_whole_waits_for_the_drain_in_order(zero_copy):
+    """The pool's idea of the drain's free space goes stale when the user fills the drain
+    itself: a small read then meets a full drain. What it could not send waits for the
+    drain and arrives after the user's bytes, whole; nothing is dropped."""
+    link = Link()
+    shrink(link.dst, link.peer_dst)
+    with SplicePool(workers=1, zero_copy=zero_copy) as pool:
+        sp = pool.splice(link.src, link.dst)
+        link.peer_src.sendall(b"hello")
+        assert recv_exact(link.peer_dst, 5) == b"hello"
+        assert until(lambda: sp.transferred == 5)
+        filler = bytearray()
+        chunk = payload(4096, 7)
+        while True:  # the user writes into the drain until it is full (its peer reads nothing)
+            try:
+                filler += chunk[: link.dst.send(chunk)]
+            except BlockingIOError:
+                break
+        msg = payload(8000, 8)
+        link.peer_src.sendall(msg)
+        time.sleep(0.3)  # the worker reads it and finds the drain full
+        got = recv_exact(link.peer_dst, len(filler) + len(msg), timeout=10)
+        assert digest(got) == digest(bytes(filler) + msg)
+        assert until(lambda: sp.transferred == 5 + len(msg))
+        assert sp.dropped == 0 and sp.reason is None
+        link.peer_src.shutdown(socket.SHUT_WR)
+        assert sp.wait(10) is EndReason.EOF
+    link.close()
+
+
 # -- threads, fds, closing --------------------------------------------------------------
 
 
