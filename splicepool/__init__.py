@@ -76,9 +76,10 @@ def proxy(
     pool: SplicePool | None = None,
     idle: float | None = None,
     half_close: bool = True,
+    wait: bool = True,
 ) -> Proxy:
     """Relay ``a`` ⇄ ``b`` on ``pool`` (default: the default pool); see ``SplicePool.proxy``."""
-    return (pool or default_pool()).proxy(a, b, idle=idle, half_close=half_close)
+    return (pool or default_pool()).proxy(a, b, idle=idle, half_close=half_close, wait=wait)
 
 
 @atexit.register

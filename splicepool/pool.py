@@ -344,14 +344,14 @@ class SplicePool:
         self._records.pop(src_info.key, None)
         return sp
 
-    def _post(self, sp: Splice) -> _native.Event | None:
+    def _post(self, sp: Splice, wait: bool = True) -> _native.Event | None:
         """Hand a committed splice to its worker (lock held).
 
         Returns the event the worker sets once the splice is set up and its first
-        pass has run; None when called from a worker thread (a done callback),
-        which must never wait for a worker.
+        pass has run; None if the caller does not ``wait``, or is a worker thread
+        (a done callback), which must never wait for a worker.
         """
-        ack = None if self._on_worker_thread() else _native.Event()
+        ack = None if not wait or self._on_worker_thread() else _native.Event()
         worker = self._workers[sp.worker]
         assert worker is not None
         worker.post(("add", sp, ack))
@@ -472,7 +472,9 @@ class SplicePool:
         if sp.state in LIVE_STATES:
             worker._end(sp, EndReason.UNSPLICED, None)
 
-    def proxy(self, a: Any, b: Any, *, idle: float | None = None, half_close: bool = True) -> Proxy:
+    def proxy(
+        self, a: Any, b: Any, *, idle: float | None = None, half_close: bool = True, wait: bool = True
+    ) -> Proxy:
         """Relay ``a`` ⇄ ``b``: splices a → b and b → a; return the ``Proxy``.
 
         The pool owns both sockets from the call on and closes them once both
@@ -481,10 +483,13 @@ class SplicePool:
         ``half_close=False`` it ends both. An error, ``idle`` seconds with no
         byte moved either way, or ``Proxy.close()`` ends both. Errors as for
         ``splice``, checked for a → b then b → a; a failed call changes nothing.
+        Returns once both directions have run their first pass, like ``splice``;
+        ``wait=False`` returns as soon as they are handed to their worker (an
+        accept loop then never waits for a worker thread).
         """
         from .proxy import proxy
 
-        return proxy(self, a, b, idle=idle, half_close=half_close)
+        return proxy(self, a, b, idle=idle, half_close=half_close, wait=wait)
 
     # -- counters ------------------------------------------------------------------
     def transferred(self, src: Any) -> int:

@@ -124,6 +124,7 @@ def proxy(
     *,
     idle: float | None = None,
     half_close: bool = True,
+    wait: bool = True,
 ) -> Proxy:
     """Relay ``a`` ⇄ ``b`` on ``pool``; see ``SplicePool.proxy``."""
     a_fd = _checks.fileno_of(a, "a")
@@ -152,7 +153,7 @@ def proxy(
         rev = pool._commit(rev_plan, 0, idle)
         relay.forward, relay.reverse = fwd, rev
         fwd._proxy = rev._proxy = relay
-        acks = [pool._post(fwd), pool._post(rev)]
+        acks = [pool._post(fwd, wait), pool._post(rev, wait)]
     _detach(a, b)  # the pool owns them now, even if this greenlet is killed while waiting
     for ack in acks:
         if ack is not None:

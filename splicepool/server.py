@@ -325,7 +325,7 @@ class ProxyServer:
         # per connection stays alive while it is proxied.
         a, b = client.detach(), up.detach()
         try:
-            relay = self.pool.proxy(a, b, idle=self.idle)
+            relay = self.pool.proxy(a, b, idle=self.idle, wait=False)
         except (OSError, RuntimeError) as exc:
             self.counters.refused += 1
             log.warning("conn %d %s: not proxied: %s", conn.id, conn.peer, exc)

@@ -45,6 +45,21 @@ def _settle_fds(pool: SplicePool) -> int:
     return fd_count()
 
 
+def test_wait_false_hands_over_at_once_and_moves_early_data_like_a_waiting_call(pool, relay):
+    """proxy(wait=False) returns before the workers have taken the relay up (an accept loop
+    never waits on them); bytes queued before the call still move first, whole."""
+    early, late = os.urandom(50_000), os.urandom(70_000)
+    relay.client.sendall(early)
+    px = pool.proxy(relay.a, relay.b, wait=False)
+    assert relay.a.fileno() == -1 and relay.b.fileno() == -1  # handed over at once
+    relay.client.sendall(late)
+    relay.client.shutdown(socket.SHUT_WR)
+    assert hashlib.sha256(recv_until_eof(relay.server)).digest() == hashlib.sha256(early + late).digest()
+    relay.server.close()
+    assert px.wait(10) is EndReason.EOF
+    assert (px.forward.transferred, px.reverse.transferred) == (len(early) + len(late), 0)
+
+
 def test_half_close_is_forwarded_and_the_reply_still_flows(pool, relay):
     px = pool.proxy(relay.a, relay.b)
     request = os.urandom(100_000)
