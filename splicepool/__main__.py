@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set TCP_NODELAY on both legs (default: on)")
     p.add_argument("--pipe-size", type=_count(4096), default=1 << 20, metavar="BYTES",
                    help="pipe size per splice in flight, F_SETPIPE_SZ (default: 1048576)")
+    p.add_argument("--bind-cpus", action="store_true",
+                   help="bind worker thread i to the i-th CPU this process may use "
+                   "(see docs/performance.md)")
     p.add_argument("--reuse-port", action="store_true",
                    help="set SO_REUSEPORT on the listening socket")
     p.add_argument("--processes", type=_count(1), default=1, metavar="N",
@@ -141,7 +144,7 @@ def raise_nofile_limit() -> int:
 def run_proxy(args: argparse.Namespace, index: int = 0) -> int:
     """One proxy process: serve until SIGINT/SIGTERM, then wind down; exit status."""
     log = logging.getLogger("splicepool.proxy")
-    pool = SplicePool(workers=args.workers, pipe_size=args.pipe_size)
+    pool = SplicePool(workers=args.workers, pipe_size=args.pipe_size, bind_cpus=args.bind_cpus)
     try:
         server = _server(args, pool)
     except OSError as exc:

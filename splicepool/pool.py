@@ -131,6 +131,9 @@ class SplicePool:
     ``backend="gevent"`` makes the workers greenlets on the gevent hub (no OS
     thread; use the pool from the hub's thread); with it, ``dispatch="direct"``
     runs each pass in the io watcher's callback instead of the worker greenlet.
+    ``bind_cpus=True`` binds worker thread i to the i-th CPU the process may run
+    on (round-robin, ``os.sched_setaffinity``), as FreeBSD binds its splice and
+    KTLS threads; docs/performance.md says when it pays.
     A context manager: leaving the block calls ``close()``.
     """
 
@@ -145,6 +148,7 @@ class SplicePool:
         small_copy: int = 16 * 1024,
         hub: str = "auto",
         dispatch: str = "worker",
+        bind_cpus: bool = False,
     ) -> None:
         if workers is None:
             workers = os.cpu_count() or 1
@@ -172,6 +176,8 @@ class SplicePool:
             raise TypeError(f"small_copy must be an int, not {type(small_copy).__name__}")
         if small_copy < 0 or small_copy > copy_size:
             raise ValueError(f"small_copy must be between 0 and copy_size ({copy_size}), not {small_copy}")
+        if bind_cpus and (backend != "thread" or not hasattr(os, "sched_setaffinity")):
+            raise ValueError("bind_cpus=True needs backend='thread' and os.sched_setaffinity (Linux)")
         if hub not in _hub.HUBS:
             raise ValueError(f"unknown hub {hub!r}: expected one of {sorted(_hub.HUBS)}")
         if zero_copy and not HAVE_SPLICE:
@@ -183,6 +189,7 @@ class SplicePool:
         self._hub = _hub.HUBS[hub]
         self._copy_size = copy_size
         self._small_copy = small_copy
+        self._bind_cpus = bool(bind_cpus)
         self._lock = _native.allocate_lock()
         self._workers: list[Worker | None] = [None] * workers
         self._next = 0

@@ -119,6 +119,9 @@ class Worker:
     def _run(self) -> None:
         self.thread_id = _native.get_ident()
         try:
+            if self.pool._bind_cpus:
+                cpus = sorted(os.sched_getaffinity(0))
+                os.sched_setaffinity(0, {cpus[self.index % len(cpus)]})  # this thread only
             self._loop()
         except BaseException as exc:  # a bug: report it, end what it held, never hang
             _native.report(logging.CRITICAL, "splicepool: worker %d crashed", self.index, exc_info=True)

@@ -249,6 +249,40 @@ def test_a_small_read_the_drain_cannot_take_whole_waits_for_the_drain_in_order(z
     link.close()
 
 
+# -- binding workers to CPUs ------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    GEVENT or not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="worker threads on Linux, with two CPUs to tell them apart",
+)
+def test_bind_cpus_binds_each_worker_thread_to_one_cpu_round_robin():
+    allowed = sorted(os.sched_getaffinity(0))
+    links = [Link(), Link(), Link()]
+    with SplicePool(workers=3, bind_cpus=True) as pool:
+        splices = [pool.splice(ln.src, ln.dst) for ln in links]
+        for i, (ln, sp) in enumerate(zip(links, splices, strict=True)):
+            msg = payload(100_000, 40 + i)
+            ln.peer_src.sendall(msg)
+            assert recv_exact(ln.peer_dst, len(msg)) == msg
+            assert sp.worker == i
+        bound = {}
+        for task in os.listdir("/proc/self/task"):
+            cpus = os.sched_getaffinity(int(task))
+            if len(cpus) == 1 and int(task) != threading.get_native_id():
+                bound[int(task)] = cpus
+        want = [{allowed[i % len(allowed)]} for i in range(3)]
+        assert sorted(map(sorted, bound.values())) == sorted(map(sorted, want)), bound
+    assert os.sched_getaffinity(0) == set(allowed)  # the caller's thread is left alone
+    for ln in links:
+        ln.close()
+
+
+def test_bind_cpus_with_the_gevent_backend_is_refused():
+    with pytest.raises(ValueError, match="bind_cpus"):
+        SplicePool(workers=1, backend="gevent", bind_cpus=True)
+
+
 # -- threads, fds, closing --------------------------------------------------------------
 
 
