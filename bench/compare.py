@@ -63,6 +63,7 @@ from peers import (
     cpu_seconds,
     free_port,
     haproxy_maxconn,
+    machine_cpu,
     raise_nofile_limit,
     spawn,
     stop,
@@ -214,16 +215,23 @@ def bulk_result(out: dict, s: Settings) -> tuple[int, float]:
 
 
 def run_bulk(peer: Peer, s: Settings, streams: int) -> dict:
-    """Throughput of ``streams`` parallel streams, and the relay's CPU seconds per GiB."""
+    """Throughput of ``streams`` parallel streams, the relay's CPU seconds per GiB, and the
+    whole machine's: how busy all CPUs were, and their CPU seconds per GiB (relay, load
+    generators and the kernel's softirq work together)."""
     with bulk_upstream(s) as up, peer.start(up, s.workdir) as relay:
         before = cpu_seconds(relay.pid) if relay.proc else None
+        busy0, total0 = machine_cpu()
         out = run_json(bulk_client(relay.port, streams, s.duration, s), timeout=s.duration + 60)
+        busy1, total1 = machine_cpu()
         moved, rate = bulk_result(out, s)
         cpu_per_gib = None
         if before is not None:
             wait_single(relay.pid)  # socat: let the per-connection processes exit and be reaped
             cpu_per_gib = (cpu_seconds(relay.pid) - before) / (moved / GiB)
-    return {"mib_s": rate, "cpu_s_per_gib": cpu_per_gib, "bytes": moved}
+    busy, total = busy1 - busy0, total1 - total0
+    return {"mib_s": rate, "cpu_s_per_gib": cpu_per_gib, "bytes": moved,
+            "machine_busy_pct": 100 * busy / total if total else None,
+            "machine_cpu_s_per_gib": busy / (moved / GiB)}
 
 
 def run_latency(peer: Peer, s: Settings) -> dict:
@@ -370,6 +378,10 @@ def metrics(s: Settings) -> list[Metric]:
         Metric("bulk4", "mib_s", "bulk, 4 streams: MiB/s", "{:.0f}", "higher", True),
         Metric("bulk1", "cpu_s_per_gib", "relay CPU per GiB, 1 stream: s", "{:.3f}", "lower"),
         Metric("bulk4", "cpu_s_per_gib", "relay CPU per GiB, 4 streams: s", "{:.3f}", "lower"),
+        Metric("bulk1", "machine_busy_pct", "all CPUs busy during 1 stream: %", "{:.0f}"),
+        Metric("bulk1", "machine_cpu_s_per_gib", "whole machine CPU per GiB, 1 stream: s", "{:.3f}"),
+        Metric("bulk4", "machine_busy_pct", "all CPUs busy during 4 streams: %", "{:.0f}"),
+        Metric("bulk4", "machine_cpu_s_per_gib", "whole machine CPU per GiB, 4 streams: s", "{:.3f}"),
         Metric("latency", "p50_us", "64 B round trip p50: µs", "{:.0f}", "lower"),
         Metric("latency", "p99_us", "64 B round trip p99: µs", "{:.0f}", "lower"),
         Metric("latency", "added_p50_us", "added p50 over direct: µs", "{:.0f}", "lower"),
@@ -573,6 +585,9 @@ def notes(peers: list[Peer], s: Settings, runs: list[dict]) -> list[str]:
         f"bulk: {tool}",
         "relay CPU: utime+stime from /proc/PID/stat of the relay's process tree, before and after the "
         "run, ÷ GiB received",
+        "all CPUs busy / whole machine CPU: /proc/stat's user+nice+system+irq+softirq over the run, "
+        "as a share of all CPUs' time and ÷ GiB received (relay, load generators and softirq "
+        "together: at 100% the machine, not the relay, sets the throughput)",
         f"latency: {s.latency_warmup} warm-up then {s.latency_count} round trips, one connection, "
         "TCP_NODELAY, epoll echo server; "
         + (f"client, echo server and relay all pinned to CPU {min(s.latency_cpus)} (a wakeup across "

@@ -169,6 +169,19 @@ def cpu_seconds(pid: int) -> float:
     return sum(_stat_cpu(p) for p in tree(pid))
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat's first line.
+
+    Busy counts user, nice, system, irq and softirq time: on loopback much of the
+    TCP work runs in softirq context, charged to no process.
+    """
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:8]]
+    user, nice, system, idle, iowait, irq, softirq = fields
+    busy = user + nice + system + irq + softirq
+    return busy / CLK_TCK, (busy + idle + iowait) / CLK_TCK
+
+
 def _status_kib(pid: int, key: str, path: str = "status") -> int:
     try:
         with open(f"/proc/{pid}/{path}") as f:
