@@ -120,7 +120,33 @@ class PipePool:
             self._free.pop().close()
 
 
-class ZeroCopyMover:
+class _Copied:
+    """The bytes a mover read into Python (``_left``), kept until the drain takes them."""
+
+    __slots__ = ("_left", "pending", "short")
+
+    def __init__(self) -> None:
+        self._left: Any = b""
+        self.pending = 0
+        self.short = False  # the last pull was a short copy read: the source was drained
+
+    def hold(self, left: Any, sent: int) -> None:
+        """Keep what the drain did not take of ``left`` (``sent`` bytes of it went) as the leftover."""
+        self._left = _leftover(left, sent)
+        self.pending = len(self._left)
+
+    def _push_copied(self, dst: Any) -> int:
+        left = self._left
+        try:
+            sent = dst.sock.send(left, _MSG_NOSIGNAL)
+        except BaseException:
+            self.hold(left, 0)
+            raise
+        self.hold(left, sent)
+        return sent
+
+
+class ZeroCopyMover(_Copied):
     """socket -> pipe -> socket with os.splice: the payload never enters Python.
 
     Small reads are the exception: after a pull that took less than the small
@@ -132,16 +158,14 @@ class ZeroCopyMover:
     """
 
     zero_copy = True
-    __slots__ = ("_pipes", "_pipe", "pending", "_small", "_left", "copied", "short")
+    __slots__ = ("_pipes", "_pipe", "_small", "copied")
 
     def __init__(self, pipes: PipePool, small: memoryview | None = None) -> None:
+        _Copied.__init__(self)  # _left: pending bytes that are not in the pipe
         self._pipes = pipes
         self._pipe: Pipe | None = None
-        self.pending = 0
         self._small = small  # the worker's small-read buffer (None: always splice)
-        self._left: Any = b""  # a copied leftover (pending bytes not in the pipe)
         self.copied = small is not None  # the next pull tries the small buffer first
-        self.short = False  # the last pull was a short copy read: the source was drained
 
     def capacity(self) -> int:
         pipe = self._pipe
@@ -186,25 +210,13 @@ class ZeroCopyMover:
         return got
 
     def push(self, dst: Any) -> int:
-        left = self._left
-        if left:
-            try:
-                sent = dst.sock.send(left, _MSG_NOSIGNAL)
-            except BaseException:
-                self.hold(left, 0)
-                raise
-            self.hold(left, sent)
-            return sent
+        if self._left:
+            return self._push_copied(dst)
         pipe = self._pipe
         assert pipe is not None
         sent = os.splice(pipe.r, dst.fd, self.pending, flags=_SPLICE_FLAGS)
         self.pending -= sent
         return sent
-
-    def hold(self, left: Any, sent: int) -> None:
-        """Keep what the drain did not take of ``left`` (``sent`` bytes of it went) as the leftover."""
-        self._left = _leftover(left, sent)
-        self.pending = len(self._left)
 
     def drop(self) -> int:
         lost = self.pending
@@ -224,17 +236,15 @@ class ZeroCopyMover:
             self._pipes.release(pipe)
 
 
-class CopyMover:
+class CopyMover(_Copied):
     """recv_into a buffer shared by the worker's splices, then send; a leftover is kept per splice."""
 
     zero_copy = False
-    __slots__ = ("_buf", "_left", "pending", "short")
+    __slots__ = ("_buf",)
 
     def __init__(self, buf: memoryview) -> None:
+        _Copied.__init__(self)
         self._buf = buf
-        self._left: Any = b""
-        self.pending = 0
-        self.short = False  # the last pull took less than asked: the source was drained
 
     def capacity(self) -> int:
         return len(self._buf)
@@ -250,19 +260,7 @@ class CopyMover:
         return got
 
     def push(self, dst: Any) -> int:
-        left = self._left
-        try:
-            sent = dst.sock.send(left, _MSG_NOSIGNAL)
-        except BaseException:
-            self.hold(left, 0)
-            raise
-        self.hold(left, sent)
-        return sent
-
-    def hold(self, left: Any, sent: int) -> None:
-        """Keep what the drain did not take of ``left`` (``sent`` bytes of it went) as the leftover."""
-        self._left = _leftover(left, sent)
-        self.pending = len(self._left)
+        return self._push_copied(dst)
 
     def drop(self) -> int:
         lost = self.pending
