@@ -123,8 +123,9 @@ class SplicePool:
     splice's pipe (``F_SETPIPE_SZ``); ``copy_size`` the copy path's buffer.
     ``small_copy``: on the zero-copy path, a splice whose last read took fewer
     bytes than this reads next with ``recv_into`` up to this many (two plain
-    syscalls beat two splices through a pipe for a request or a reply), and
-    goes back to splicing as soon as a read fills it; 0 always splices.
+    syscalls beat two splices through a pipe for a request or a reply), most
+    often right where the worker handles the event, without a queued pass; it
+    goes back to splicing as soon as a read fills it. 0 always splices.
     ``hub`` picks what workers sleep on: ``"epoll"`` (edge-triggered, Linux),
     ``"selector"`` (level-triggered ``selectors.DefaultSelector``, what other
     systems get) or ``"auto"`` (epoll where there is one).

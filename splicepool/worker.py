@@ -211,7 +211,7 @@ class Worker:
         ):
             fresh = src_of._fresh = not flags & _hub.HANGUP
             small = self._smallbuf
-            if (
+            direct = (  # see _small_pass
                 fresh
                 and small is not None
                 and src_of.state is S.IDLE
@@ -221,10 +221,8 @@ class Worker:
                 and not src_of._check_drain
                 and src_of._dst.space >= len(small)
                 and not src_of._dst.connecting
-                and self._small_pass(src_of, small)
-            ):
-                pass
-            else:
+            )
+            if not (direct and self._small_pass(src_of, small)):
                 self._make_ready(src_of)
         drain_of = ep.drain_of
         if drain_of is not None and drain_of.worker == index:
