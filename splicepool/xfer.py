@@ -49,15 +49,6 @@ _NO_PIPE = {errno.EMFILE, errno.ENFILE, errno.ENOMEM}
 _MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 
-def _leftover(left: Any, sent: int) -> Any:
-    """What of ``left`` the drain did not take; a copy if it was a view of a shared buffer."""
-    if sent >= len(left):
-        return b""
-    if isinstance(left, memoryview):
-        return bytes(left[sent:])  # the worker's buffer is about to be reused
-    return left[sent:]
-
-
 class NotSpliceable(Exception):
     """os.splice refused these fds; the splice must switch to the copy path."""
 
@@ -132,8 +123,14 @@ class _Copied:
 
     def hold(self, left: Any, sent: int) -> None:
         """Keep what the drain did not take of ``left`` (``sent`` bytes of it went) as the leftover."""
-        self._left = _leftover(left, sent)
-        self.pending = len(self._left)
+        if sent >= len(left):
+            left = b""
+        elif isinstance(left, memoryview):
+            left = bytes(left[sent:])  # a view of a worker's buffer, which is about to be reused
+        else:
+            left = left[sent:]
+        self._left = left
+        self.pending = len(left)
 
     def _push_copied(self, dst: Any) -> int:
         left = self._left
