@@ -91,13 +91,14 @@ def _fmt_addr(addr: Any) -> str:
 
 class SockInfo(
     namedtuple(
-        "SockInfo", "fd key family type proto listening connected connecting tls label desc"
+        "SockInfo",
+        "fd key family type proto listening connected connecting tls local peer label desc",
     )
 ):
     """What the checks learned about one socket fd (a passive record).
 
     ``key``: the socket's inode number, which survives fd-number reuse (see
-    ``socket_key``). ``label``: "source fd 7 (127.0.0.1:5000 -> 127.0.0.1:40000)",
+    ``socket_key``). ``local`` and ``peer``: its addresses (None when unknown). ``label``: "source fd 7 (127.0.0.1:5000 -> 127.0.0.1:40000)",
     role, fd and addresses; ``desc``: the same without the role, as a socket
     can be a source and a drain at once.
     """
@@ -197,6 +198,8 @@ def _inspect(obj: Any, s: Any, fd: int, key: int, role: str) -> SockInfo:
         connected=connected,
         connecting=connecting,
         tls=tls,
+        local=local,
+        peer=peer,
         label=f"{role} fd {fd} ({where})",
         desc=f"fd {fd} ({where})",
     )
@@ -212,6 +215,27 @@ def check_spliceable(info: SockInfo) -> None:
     else:
         why = "is not a TCP (IPv4/IPv6) or AF_UNIX stream socket"
     raise oserror(errno.EPROTONOSUPPORT, f"{info.label} {why}")
+
+
+def check_loop(src: SockInfo, dst: SockInfo) -> None:
+    """ELOOP if ``src`` and ``dst`` are the two ends of one TCP connection.
+
+    Every byte the drain sends would arrive at the source and be moved again, for
+    ever (OpenBSD refuses such loops with ELOOP; FreeBSD lets them spin). Only TCP
+    is checked: its two address pairs name a connection on this host exactly,
+    whereas unnamed AF_UNIX ends look alike. A socket spliced to itself is an
+    echo, not a loop, and stays allowed.
+    """
+    if src.key == dst.key or src.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    if src.local is None or src.peer is None or dst.local is None or dst.peer is None:
+        return
+    if src.local[:2] == dst.peer[:2] and src.peer[:2] == dst.local[:2]:
+        raise oserror(
+            errno.ELOOP,
+            f"{src.label} and {dst.label} are the two ends of one connection: "
+            "every byte would loop between them",
+        )
 
 
 def check_endpoint(info: SockInfo, *, accept_connecting: bool) -> None:

@@ -101,8 +101,10 @@ class GeventWorker(Worker):
     def __init__(self, pool: SplicePool, index: int, direct: bool = False) -> None:
         super().__init__(pool, index, GeventHub())
         self._greenlet: Any = None
+        self._hub_greenlet: Any = None
         if direct:
             self.hub.direct = self._direct
+            self._hub_greenlet = gevent.get_hub()
 
     def start(self) -> None:
         self._greenlet = gevent.spawn(self._run)
@@ -112,7 +114,9 @@ class GeventWorker(Worker):
         self._greenlet.join()
 
     def is_current(self) -> bool:
-        return self._greenlet is not None and gevent.getcurrent() is self._greenlet
+        """In the worker greenlet, or (direct dispatch) in the hub, which runs its passes too."""
+        current = gevent.getcurrent()
+        return (current is self._greenlet and current is not None) or current is self._hub_greenlet
 
     def _direct(self, fd: int, flag: int) -> None:
         """Direct dispatch: run the pass in the io callback, no switch to the worker."""

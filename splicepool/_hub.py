@@ -9,9 +9,9 @@ One contract, several mechanisms (as CPython's ``selectors`` does it):
 * ``poll(timeout)`` returns ``[(fd, flags)]``; ``timeout`` None sleeps until
   woken. ``flags`` are epoll's bits (Linux's numbers on every system), so the
   epoll hub hands over the kernel's list as it is; test them with the masks
-  ``READ`` (worth reading: data, FIN or error), ``WRITE``, ``ERROR`` (error or
-  hang-up) and ``HANGUP`` (FIN or error: epoll only). Level-triggered hubs
-  report ``IN`` and ``WRITE`` only. The list may hold the hub's own waker fd,
+  ``READ`` (worth reading: data, FIN, urgent data or error), ``WRITE``, ``ERROR``
+  (error or hang-up), ``HANGUP`` (FIN or error: epoll only) and ``URGENT`` (TCP
+  urgent data: epoll only). Level-triggered hubs report ``IN`` and ``WRITE`` only. The list may hold the hub's own waker fd,
   which no caller watches: callers skip fds they did not add.
 * ``wake()`` may be called from any thread and makes ``poll`` return soon.
 * ``close()`` releases the hub's own fds.
@@ -36,12 +36,13 @@ if TYPE_CHECKING:
 
 # epoll's event bits (the same numbers on every Linux architecture).
 IN = 0x001  # EPOLLIN: readable
+URGENT = 0x002  # EPOLLPRI: TCP urgent data arrived (reads stop at its mark)
 WRITE = 0x004  # EPOLLOUT: writable
 _ERR = 0x008  # EPOLLERR
 _HUP = 0x010  # EPOLLHUP
 _RDHUP = 0x2000  # EPOLLRDHUP: the peer's FIN
 # Masks the worker tests events with.
-READ = IN | _RDHUP | _ERR | _HUP  # worth a read: data, the peer's FIN, or an error
+READ = IN | URGENT | _RDHUP | _ERR | _HUP  # worth a read: data, urgent data, the peer's FIN, an error
 ERROR = _ERR | _HUP
 HANGUP = _RDHUP | _ERR | _HUP  # the peer's FIN, or an error, was seen when the event was taken
 
@@ -86,9 +87,11 @@ class _Waker:
 class EpollHub:
     """Edge-triggered epoll: one registration per fd for its whole life."""
 
-    _MASK = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET if hasattr(
-        select, "EPOLLET"
-    ) else 0
+    _MASK = (
+        select.EPOLLIN | select.EPOLLPRI | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+        if hasattr(select, "EPOLLET")
+        else 0
+    )
 
     def __init__(self) -> None:
         self._ep = _native.epoll()

@@ -64,6 +64,16 @@ def in_hub_thread() -> bool:
     return _current_hub() is not None
 
 
+def in_hub_greenlet() -> bool:
+    """True in the hub's own greenlet (its callbacks), which must never block or switch out."""
+    hub = _current_hub()
+    if hub is None:
+        return False
+    import gevent
+
+    return gevent.getcurrent() is hub
+
+
 def _port(hub: Any) -> _Port:
     global _main_port
     port = _ports.get(id(hub))
@@ -124,4 +134,10 @@ def adopt_current_hub() -> None:
         _port(hub)
 
 
-__all__ = ["adopt_current_hub", "cooperative_wait", "in_hub_thread", "report_from_thread"]
+__all__ = [
+    "adopt_current_hub",
+    "cooperative_wait",
+    "in_hub_greenlet",
+    "in_hub_thread",
+    "report_from_thread",
+]

@@ -14,7 +14,7 @@ import sys
 
 from . import _checks, _hub, _native
 from ._checks import SockInfo, oserror
-from .splice import LIVE_STATES, EndReason, Splice
+from .splice import LIVE_STATES, EndReason, Splice, SpliceState
 from .worker import Worker
 from .xfer import HAVE_SPLICE
 
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 __all__ = ["SplicePool"]
 
 _RECORDS_MIN = 1024  # ended-splice counters kept before pruning closed sockets
+# States in which a splice's own worker may end it at once (no pass of it is running).
+_BETWEEN_PASSES = frozenset({SpliceState.IDLE, SpliceState.QUEUED})
 
 
 class Endpoint:
@@ -54,6 +56,8 @@ class Endpoint:
         "sndbuf",
         "sndbuf_age",
         "space",
+        "queued",
+        "urgent",
         "src_of",
         "drain_of",
     )
@@ -72,6 +76,8 @@ class Endpoint:
         self.sndbuf = 0
         self.sndbuf_age = 1 << 30  # read SO_SNDBUF on the first pass
         self.space = 0  # free send buffer at the last SIOCOUTQ, less what was sent since
+        self.queued = 0  # its send queue when an idle timer last looked (see Worker._queue_shrank)
+        self.urgent = False  # TCP urgent data was reported: reads may stop at its mark
         self.src_of: Splice | None = None  # the live splice reading from it
         self.drain_of: Splice | None = None  # the splice (not done) writing into it
         self.was_blocking = os.get_blocking(fd)
@@ -198,7 +204,10 @@ class SplicePool:
         self._endpoints: dict[int, Endpoint] = {}
         # Who splices what lives on the endpoints (lock held to change it): ep.src_of, the
         # live splice reading from it; ep.drain_of, the splice (not done) writing into it.
-        self._records: dict[int, tuple[int, Splice]] = {}  # ended, by source
+        # Ended splices by source key: (the caller's fd, the final count). While the ended
+        # splice is still delivering its leftover the splice itself stands in for the count;
+        # it is replaced once done, so no record keeps a splice or the caller's socket objects.
+        self._records: dict[int, tuple[int, int | Splice]] = {}
         self._records_limit = _RECORDS_MIN
         if "gevent" in sys.modules:  # workers' log records go to this thread's hub
             from .gevent import adopt_current_hub
@@ -254,8 +263,9 @@ class SplicePool:
         data already in the source has started moving (at most one pass of
         another splice delays that). ``dst`` negative unsplices ``src`` (and
         returns that splice). Raises ``OSError`` with FreeBSD's errno for a bad
-        request (SPEC section 3), ``TypeError`` for bad types, ``RuntimeError``
-        if the pool is closed; a failed call changes nothing.
+        request (the README's "Errors"), ``ELOOP`` if ``src`` and ``dst`` are the two ends
+        of one TCP connection, ``TypeError`` for bad types, ``RuntimeError`` if the pool
+        is closed; a failed call changes nothing.
         """
         src_fd = _checks.fileno_of(src, "source")
         if isinstance(dst, int) and not isinstance(dst, bool) and dst < 0:
@@ -291,6 +301,7 @@ class SplicePool:
         busy = self._role(dst_info.key, "drain_of")
         if busy is not None:
             raise oserror(errno.EBUSY, f"{dst_info.label} is already the drain of source {busy._src.label}")
+        _checks.check_loop(src_info, dst_info)
 
     def _prepare(
         self, src: Any, src_info: SockInfo, dst: Any, dst_info: SockInfo, close: bool, index: int | None = None
@@ -326,10 +337,8 @@ class SplicePool:
         go round-robin.
         """
         for other in (self._role(src_info.key, "drain_of"), self._role(dst_info.key, "src_of")):
-            if other is not None:
-                worker = self._workers[other.worker]
-                if worker is not None and worker.accepting:
-                    return other.worker, False
+            if other is not None and other._owner.accepting:
+                return other.worker, False
         return self._next, True
 
     def _undo(self, plan: tuple[Any, ...]) -> None:
@@ -345,6 +354,7 @@ class SplicePool:
                 if info.fd != ep.fd and info.fd not in ep.adopted:
                     ep.adopted += (info.fd,)
         sp = Splice(self, src, dst, max, idle or None, index)
+        sp._owner = self._workers[index]
         sp._src, sp._dst = src_ep, dst_ep
         sp._user_fd = src_info.fd
         src_ep.src_of = sp
@@ -356,13 +366,11 @@ class SplicePool:
         """Hand a committed splice to its worker (lock held).
 
         Returns the event the worker sets once the splice is set up and its first
-        pass has run; None if the caller does not ``wait``, or is a worker thread
-        (a done callback), which must never wait for a worker.
+        pass has run; None if the caller does not ``wait``, or must not (see
+        ``_must_not_wait``).
         """
-        ack = None if not wait or self._on_worker_thread() else _native.Event()
-        worker = self._workers[sp.worker]
-        assert worker is not None
-        worker.post(("add", sp, ack))
+        ack = None if not wait or self._must_not_wait() else _native.Event()
+        sp._owner.post(("add", sp, ack))
         return ack
 
     def _on_worker_thread(self) -> Worker | None:
@@ -371,6 +379,18 @@ class SplicePool:
             if worker is not None and worker.is_current():
                 return worker
         return None
+
+    def _must_not_wait(self) -> bool:
+        """True where waiting for a worker could deadlock: in a worker (a done callback), or
+        in a gevent hub's own greenlet (where direct dispatch runs callbacks), which must
+        never block or switch out."""
+        if self._on_worker_thread() is not None:
+            return True
+        if "gevent" in sys.modules:
+            from .gevent import in_hub_greenlet
+
+            return in_hub_greenlet()
+        return False
 
     def _take_endpoint(self, info: SockInfo, close: bool) -> Endpoint:
         ep = self._endpoints.get(info.key)
@@ -449,36 +469,38 @@ class SplicePool:
             self._check_open()
             if sp._src.src_of is not sp:
                 raise oserror(errno.ENOTCONN, f"source {sp._src.label} is not spliced (as a source)")
-            worker = self._workers[sp.worker]
-            if worker is None or not worker.accepting:
-                return  # its worker is exiting and ends it
-            here = self._on_worker_thread()
-            if here is None:
-                ack: _native.Event | None = _native.Event()
-                worker.post(("unsplice", sp, ack))
-            elif here is not worker:
-                ack = None
-                worker.post(("unsplice", sp, None))
-            else:
-                ack = None
-        if ack is not None:
+            now, ack = self._request_unsplice(sp, wait=True)
+        if now:
+            sp._owner.end_now(sp, EndReason.UNSPLICED)
+        elif ack is not None:
             ack.wait()
-        elif here is worker and sp.state in LIVE_STATES:
-            worker._end(sp, EndReason.UNSPLICED, None)
 
     def _abort(self, sp: Splice) -> None:
         """End ``sp`` with UNSPLICED without waiting, from any thread; nothing if it has ended."""
         with self._lock:
             if sp._src.src_of is not sp:
                 return
-            worker = self._workers[sp.worker]
-            if worker is None or not worker.accepting:
-                return
-            if self._on_worker_thread() is not worker:
-                worker.post(("unsplice", sp, None))
-                return
-        if sp.state in LIVE_STATES:
-            worker._end(sp, EndReason.UNSPLICED, None)
+            now, _ = self._request_unsplice(sp, wait=False)
+        if now:
+            sp._owner.end_now(sp, EndReason.UNSPLICED)
+
+    def _request_unsplice(self, sp: Splice, wait: bool) -> tuple[bool, _native.Event | None]:
+        """How ``sp``'s worker is to end it with UNSPLICED (lock held): (at once, event to wait for).
+
+        On its own worker, between passes, the caller ends it at once, once it has let go
+        of the lock. A splice its worker has not taken up yet (INIT: its "add" message is
+        still queued) or one in a pass is ended by a message, which the worker handles in
+        order, after the "add". Nobody waits where waiting could deadlock
+        (``_must_not_wait``), nor for an exiting worker, which ends its splices itself.
+        """
+        worker = sp._owner
+        if not worker.accepting:
+            return False, None
+        if worker.is_current() and sp.state in _BETWEEN_PASSES:
+            return True, None
+        ack = _native.Event() if wait and not self._must_not_wait() else None
+        worker.post(("unsplice", sp, ack))
+        return False, ack
 
     def proxy(
         self, a: Any, b: Any, *, idle: float | None = None, half_close: bool = True, wait: bool = True
@@ -518,7 +540,7 @@ class SplicePool:
                 if record is None:
                     return 0
                 sp = record[1]
-        return sp.transferred
+        return sp if type(sp) is int else sp.transferred
 
     # -- called by workers ---------------------------------------------------------------
     def _source_ended(self, sp: Splice) -> None:
@@ -556,8 +578,8 @@ class SplicePool:
             sp = ep.drain_of
             if sp is None or sp.state not in LIVE_STATES:
                 return
-            owner = self._workers[sp.worker]
-            if owner is None or not owner.accepting:
+            owner = sp._owner
+            if not owner.accepting:
                 return
             if owner is not worker:
                 owner.post(("check_drain", sp))
@@ -565,8 +587,13 @@ class SplicePool:
         worker.check_drain(sp)
 
     def _splice_done(self, sp: Splice) -> None:
-        """Nothing of the splice is in flight (its worker freed the drain): free the endpoints."""
+        """Nothing of the splice is in flight (its worker freed the drain): free the endpoints,
+        and keep only its final count in the records."""
         with self._lock:
+            key = sp._src.key
+            record = self._records.get(key)
+            if record is not None and record[1] is sp:
+                self._records[key] = (record[0], sp.transferred)
             self._put_endpoint(sp._src)
             self._put_endpoint(sp._dst)
 
@@ -581,8 +608,14 @@ class SplicePool:
         Data not yet moved stays in the sources; pipe leftovers get ``grace``
         seconds to reach their drains. Joins the workers and leaves no thread or
         fd behind. Idempotent. Called from a done callback (a worker thread) it
-        signals the workers and returns without joining them.
+        signals the workers and returns without joining them. Raises ``TypeError``
+        if ``grace`` is not a number of seconds, ``ValueError`` if it is negative
+        or NaN; the pool is then left as it was.
         """
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)):
+            raise TypeError(f"grace must be seconds as an int or float, not {type(grace).__name__}")
+        if not grace >= 0:
+            raise ValueError(f"grace must be zero or more seconds, not {grace}")
         with self._lock:
             already = self._closed
             self._closed = True
@@ -590,7 +623,7 @@ class SplicePool:
             for worker in workers:
                 if worker.accepting and not already:
                     worker.post(("close", grace))
-        if any(worker.is_current() for worker in workers):
+        if self._must_not_wait():
             return  # from a done callback: joining could wait on a worker joining us
         for worker in workers:
             worker.join()

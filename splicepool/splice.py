@@ -164,6 +164,8 @@ class Splice(_Waitable):
         "dropped",
         "taken",
         "_pool",
+        "_owner",
+        "_timer",
         "_src",
         "_dst",
         "_mover",
@@ -202,6 +204,8 @@ class Splice(_Waitable):
         self.dropped = 0
         self.taken = 0  # bytes pulled from the source: transferred + dropped + in flight
         self._pool = pool
+        self._owner: Any = None  # the Worker object (set by the pool): `worker` is only its index
+        self._timer: list[Any] | None = None  # its idle timer's heap entry, while it has one
         self._src: Any = None  # the pool's endpoints (set by the pool)
         self._dst: Any = None
         self._mover: Any = None  # while bytes are in flight or a pass runs: its worker's mover

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 S = SpliceState
 _SIOCOUTQ = 0x5411  # Linux: bytes in a socket's send queue (unsent + unacked)
+_SIOCATMARK = 0x8905  # is the next byte to read at the TCP urgent mark?
+_STALE_TIMERS_MIN = 64  # ended splices' timer entries tolerated before the heap is compacted
 _LOW_WATER_MAX = 64 * 1024  # below this much drain space (and less than wanted), wait for the drain
 _MAX_SLEEP = 3600.0  # longest single hub sleep, in seconds
 _MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
@@ -87,7 +89,10 @@ class Worker:
         self._spare_copy: list[CopyMover] = []
         self.control: deque[tuple[Any, ...]] = deque()
         self.ready: deque[Splice] = deque()
-        self.timers: list[tuple[float, int, Splice]] = []
+        # Idle timers: [deadline, seq, splice] entries; an ended splice's entry has its
+        # splice set to None (nothing is kept after the end) and is skipped or compacted.
+        self.timers: list[list[Any]] = []
+        self._stale_timers = 0
         self._seq = itertools.count()
         self.fds: dict[int, Any] = {}  # fd -> its pool Endpoint, while a splice here uses it
         self.accepting = True  # cleared (under the pool lock) when the loop exits
@@ -118,6 +123,7 @@ class Worker:
 
     def _run(self) -> None:
         self.thread_id = _native.get_ident()
+        reason, err = EndReason.POOL_CLOSED, None
         try:
             if self.pool._bind_cpus:
                 cpus = sorted(os.sched_getaffinity(0))
@@ -125,25 +131,30 @@ class Worker:
             self._loop()
         except BaseException as exc:  # a bug: report it, end what it held, never hang
             _native.report(logging.CRITICAL, "splicepool: worker %d crashed", self.index, exc_info=True)
+            reason = EndReason.ERROR
             err = OSError(errno.EIO, f"splicepool worker {self.index} crashed: {exc!r}")
-            for sp in self.assigned():
-                self._abandon(sp, EndReason.ERROR, err)
         finally:
-            self._exit()
+            self._exit(reason, err)
 
-    def _exit(self) -> None:
+    def _exit(self, reason: EndReason, err: OSError | None) -> None:
+        """Stop for good: end every splice this worker holds (and only those) with ``reason``.
+
+        New splices go to a fresh worker from the moment ``accepting`` is cleared; one
+        of them may share a socket with a splice here, so splices are told apart by
+        their worker object, never by index.
+        """
         with self.pool._lock:
             self.accepting = False
         for msg in self.control:  # nothing posts after accepting is cleared
             if msg[0] == "add":
-                self._abandon(msg[1], EndReason.POOL_CLOSED, None)
+                self._abandon_safely(msg[1], reason, err)
                 if msg[2] is not None:
                     msg[2].set()
             elif msg[0] == "unsplice" and msg[2] is not None:
                 msg[2].set()
         self.control.clear()
         for sp in self.assigned():
-            self._abandon(sp, EndReason.POOL_CLOSED, None)
+            self._abandon_safely(sp, reason, err)
         self.pipes.close()
         self.hub.close()
         self.exited.set()
@@ -190,7 +201,7 @@ class Worker:
                     return
                 if monotonic() >= self._closing_at:
                     for sp in self.assigned():
-                        self._abandon(sp, EndReason.POOL_CLOSED, None)
+                        self._abandon_safely(sp, EndReason.POOL_CLOSED, None)
                     return
 
     def _dispatch(self, ep: Any, flags: int) -> None:
@@ -198,39 +209,50 @@ class Worker:
 
         ``ep.src_of`` and ``ep.drain_of`` are the socket's two roles; a role may
         belong to another worker (a socket shared by splices on two workers), and
-        each worker acts only on its own.
+        each worker acts only on its own. A bug met while handling one splice ends
+        that splice (``_fail``), never the worker or the other role's splice.
         """
-        index = self.index
         src_of = ep.src_of
-        # A source whose splice waits for its drain is read when the drain wakes it.
-        if (
-            src_of is not None
-            and flags & _hub.READ
-            and not src_of._wait_drain
-            and src_of.worker == index
-        ):
-            fresh = src_of._fresh = not flags & _hub.HANGUP
-            small = self._smallbuf
-            direct = (  # see _small_pass
-                fresh
-                and small is not None
-                and src_of.state is S.IDLE
-                and src_of._mover is None
-                and not src_of._bulk
-                and not src_of.max
-                and not src_of._check_drain
-                and src_of._dst.space >= len(small)
-                and not src_of._dst.connecting
-            )
-            if not (direct and self._small_pass(src_of, small)):
-                self._make_ready(src_of)
+        if src_of is not None and flags & _hub.READ and src_of._owner is self:
+            try:
+                self._source_event(src_of, ep, flags)
+            except Exception as exc:
+                self._fail(src_of, exc)
         drain_of = ep.drain_of
-        if drain_of is not None and drain_of.worker == index:
-            if flags & _hub.ERROR:
-                drain_of._check_drain = True
-                self._make_ready(drain_of)
-            elif flags & _hub.WRITE and drain_of._wait_drain:
-                self._make_ready(drain_of)
+        if drain_of is not None and drain_of._owner is self:
+            try:
+                if flags & _hub.ERROR:
+                    drain_of._check_drain = True
+                    self._make_ready(drain_of)
+                elif flags & _hub.WRITE and drain_of._wait_drain:
+                    self._make_ready(drain_of)
+            except Exception as exc:
+                self._fail(drain_of, exc)
+
+    def _source_event(self, sp: Splice, ep: Any, flags: int) -> None:
+        if flags & _hub.URGENT:
+            ep.urgent = True  # a read may stop at the urgent mark: see _past_mark
+        if sp._wait_drain:
+            # Read when the drain wakes it. An edge-triggered hub will not report what
+            # arrived meanwhile (data, a FIN) again: that pass must read until EAGAIN.
+            sp._fresh = False
+            return
+        fresh = sp._fresh = not flags & _hub.HANGUP
+        small = self._smallbuf
+        direct = (  # see _small_pass
+            fresh
+            and small is not None
+            and sp.state is S.IDLE
+            and sp._mover is None
+            and not sp._bulk
+            and not sp.max
+            and not sp._check_drain
+            and not ep.urgent
+            and sp._dst.space >= len(small)
+            and not sp._dst.connecting
+        )
+        if not (direct and self._small_pass(sp, small)):
+            self._make_ready(sp)
 
     def _make_ready(self, sp: Splice) -> None:
         if sp._queued:
@@ -249,22 +271,23 @@ class Worker:
         while control:
             msg = control.popleft()
             kind = msg[0]
-            if kind == "add":
-                try:
-                    self._add(msg[1])
-                finally:
-                    if msg[2] is not None:
-                        msg[2].set()  # pool.splice() returns: set up, first pass done
-            elif kind == "unsplice":
-                sp, ack = msg[1], msg[2]
-                if sp.state in LIVE_STATES:
-                    self._end(sp, EndReason.UNSPLICED, None)
-                if ack is not None:
-                    ack.set()
-            elif kind == "close":
+            if kind == "close":
                 self._close(msg[1])
-            elif kind == "check_drain":
-                self.check_drain(msg[1])
+                continue
+            sp = msg[1]
+            try:
+                if kind == "add":
+                    self._add(sp)
+                elif kind == "unsplice":
+                    if sp.state in LIVE_STATES:
+                        self._end(sp, EndReason.UNSPLICED, None)
+                elif kind == "check_drain":
+                    self.check_drain(sp)
+            except Exception as exc:
+                self._fail(sp, exc)
+            finally:
+                if len(msg) > 2 and msg[2] is not None:
+                    msg[2].set()  # pool.splice() or unsplice() returns
 
     def check_drain(self, sp: Splice) -> None:
         """Have ``sp`` look at its drain's error on its next pass (its source may be silent)."""
@@ -288,7 +311,7 @@ class Worker:
             self.zero_copy += 1
         if sp.idle:
             now = sp._last_move = _native.monotonic()
-            heapq.heappush(self.timers, (now + sp.idle, next(self._seq), sp))
+            self._arm(sp, now + sp.idle)
         # The first pass runs now, before pool.splice() returns: data already in the
         # source moves at once, as both kernels move it inside setsockopt().
         sp._set_state(S.QUEUED)
@@ -341,7 +364,10 @@ class Worker:
         self._closing_at = _native.monotonic() + max(grace, 0.0)
         for sp in self.assigned():
             if sp.state in LIVE_STATES:
-                self._end(sp, EndReason.POOL_CLOSED, None)
+                try:
+                    self._end(sp, EndReason.POOL_CLOSED, None)
+                except Exception as exc:
+                    self._fail(sp, exc)
 
     # -- fd roles on the hub ---------------------------------------------------
     def _watch(self, ep: Any) -> None:
@@ -364,15 +390,14 @@ class Worker:
     def assigned(self) -> list[Splice]:
         """This worker's splices not yet done (taken up, so each holds a role on a watched fd)."""
         found: dict[Splice, None] = {}
-        index = self.index
         for ep in list(self.fds.values()):
             for sp in (ep.src_of, ep.drain_of):
-                if sp is not None and sp.worker == index:
+                if sp is not None and sp._owner is self:
                     found[sp] = None
         return list(found)
 
     def _mine(self, sp: Splice | None) -> Splice | None:
-        return sp if sp is not None and sp.worker == self.index else None
+        return sp if sp is not None and sp._owner is self else None
 
     def _update_interest(self, ep: Any) -> None:
         src_of = self._mine(ep.src_of)
@@ -397,29 +422,99 @@ class Worker:
                     self._update_interest(ep)
 
     # -- timers ------------------------------------------------------------------
+    def _arm(self, sp: Splice, deadline: float) -> None:
+        """(Re-)arm ``sp``'s idle timer, and note its drains' send queues (see _idle_expired)."""
+        entry = [deadline, next(self._seq), sp]
+        sp._timer = entry
+        heapq.heappush(self.timers, entry)
+        self._queue_shrank(sp._dst)
+        if sp._proxy is not None:
+            self._queue_shrank(sp._src)  # the other direction's drain
+
+    def _disarm(self, sp: Splice) -> None:
+        """An ended splice keeps no timer: its entry forgets it, and dead entries are compacted."""
+        entry = sp._timer
+        if entry is None:
+            return
+        sp._timer = None
+        entry[2] = None
+        self._stale_timers += 1
+        timers = self.timers
+        if self._stale_timers > _STALE_TIMERS_MIN and 2 * self._stale_timers > len(timers):
+            timers[:] = [e for e in timers if e[2] is not None]  # in place: _loop holds the list
+            heapq.heapify(timers)
+            self._stale_timers = 0
+
     def _expire_timers(self, now: float) -> None:
         timers = self.timers
         while timers and timers[0][0] <= now:
-            _, _, sp = heapq.heappop(timers)
-            if sp.state is S.CLOSED or not sp.idle:
+            entry = heapq.heappop(timers)
+            sp = entry[2]
+            if sp is None:
+                self._stale_timers -= 1
                 continue
-            last = sp._last_move
-            if sp._proxy is not None:  # a relay is idle only when neither way moves
-                last = max(last, sp._proxy._other(sp)._last_move)
-            deadline = last + sp.idle
-            if deadline > now:  # something moved since: re-arm (one entry per splice)
-                heapq.heappush(timers, (deadline, next(self._seq), sp))
-                continue
-            # Nothing moved for `idle` seconds; a leftover means the drain accepted nothing.
-            if sp.state in LIVE_STATES:
-                self._end(sp, EndReason.IDLE, None, drop=True)
-            else:
-                sp.dropped += sp._mover.drop()
-                self._finish(sp)
+            sp._timer = None
+            try:
+                self._idle_expired(sp, now)
+            except Exception as exc:
+                self._fail(sp, exc)
+
+    def _idle_expired(self, sp: Splice, now: float) -> None:
+        """``sp``'s idle deadline came: re-arm if it was active since, else end it with IDLE.
+
+        Active means a byte moved (either way, for a relay), or a byte left a drain's
+        send queue: a client reading a fast upstream slowly empties a multi-MB buffer
+        without waking the pool, and must not be cut.
+        """
+        last = sp._last_move
+        relay = sp._proxy
+        if relay is not None:  # a relay is idle only when neither way moves
+            last = max(last, relay._other(sp)._last_move)
+        deadline = last + sp.idle
+        if deadline > now:  # something moved since: re-arm (one entry per splice)
+            self._arm(sp, deadline)
+            return
+        shrank = self._queue_shrank(sp._dst)
+        if relay is not None:
+            shrank = self._queue_shrank(sp._src) or shrank
+        if shrank:
+            sp._last_move = now
+            self._arm(sp, now + sp.idle)
+            return
+        # Nothing moved for `idle` seconds; a leftover means the drain accepted nothing.
+        if sp.state in LIVE_STATES:
+            self._end(sp, EndReason.IDLE, None, drop=True)
+        else:
+            sp.dropped += sp._mover.drop()
+            self._finish(sp)
+
+    def _queue_shrank(self, ep: Any) -> bool:
+        """Did bytes leave ``ep``'s send queue since the last look? (Remembers this look.)
+
+        Between two looks with no byte pushed into it (an idle timer's window), the
+        queue only shrinks when the peer takes bytes.
+        """
+        if not ep.outq or ep.sock is None:
+            return False
+        ioc = self._ioc
+        try:
+            _ioctl(ep.fd, _SIOCOUTQ, ioc, True)
+        except OSError:
+            return False
+        queued = ioc[0]
+        shrank = queued < ep.queued
+        ep.queued = queued
+        return shrank
 
     # -- xfer ----------------------------------------------------------------------
     def _xfer(self, sp: Splice) -> None:
-        """One pass for one splice (FreeBSD's so_splice_xfer)."""
+        """One pass for one splice (FreeBSD's so_splice_xfer); a bug in it ends that splice only."""
+        try:
+            self._xfer_pass(sp)
+        except Exception as exc:
+            self._fail(sp, exc)
+
+    def _xfer_pass(self, sp: Splice) -> None:
         state = sp.state
         if state is S.CLOSED:
             return
@@ -429,15 +524,8 @@ class Worker:
             return
         sp._set_state(S.RUNNING)
         before = sp.transferred
-        try:
-            outcome = self._pass(sp)
-            sp._fresh = False
-        except Exception as exc:  # a bug in a pass ends that splice, not the worker
-            _native.report(logging.ERROR, "splicepool: xfer pass failed for %r", sp, exc_info=True)
-            if sp.state is S.RUNNING:
-                err = OSError(errno.EIO, f"splicepool internal error: {exc!r}")
-                self._end(sp, EndReason.ERROR, err, drop=True)
-            return
+        outcome = self._pass(sp)
+        sp._fresh = False
         moved = sp.transferred - before
         if moved:
             self.bytes += moved
@@ -477,6 +565,7 @@ class Worker:
                 return self._end(sp, EndReason.ERROR, exc, drop=True)
         budget = self.budget
         limit = sp.max
+        taken = sp.taken
         while True:
             want = budget
             if limit:
@@ -498,7 +587,15 @@ class Worker:
                 n = min(want, low)
             woke_for_drain = False
             try:
-                got = mover.pull(src, n)
+                try:
+                    got = mover.pull(src, n)
+                except BlockingIOError:
+                    # Drained, or stopped at a TCP urgent mark (suspected after an urgent
+                    # event, or when a woken pass finds nothing at all: a level-triggered
+                    # hub keeps reporting a source stuck there).
+                    if not (src.urgent or sp.taken == taken) or not self._at_mark(src):
+                        return _WAIT_SOURCE
+                    got = mover.step(src, n, self._copy_buffer())
             except BlockingIOError:
                 return _WAIT_SOURCE
             except NotSpliceable as exc:
@@ -514,14 +611,26 @@ class Worker:
                 return _ENDED
             if mover.pending:
                 return _WAIT_DRAIN
-            if mover.short and sp._fresh:
+            if mover.short and sp._fresh and not src.urgent:
                 # A copy read took less than asked: the source was drained. The event
                 # that queued this pass saw no FIN or error, and anything arriving from
                 # now on raises a new one, so the read that would say EAGAIN is skipped.
+                # (A read also stops short at an urgent mark: never trusted after one.)
                 return _WAIT_SOURCE
             budget -= got
             if budget <= 0:
                 return _REQUEUE
+
+    def _at_mark(self, src: Any) -> bool:
+        """Is ``src``'s next byte at a TCP urgent mark? Clears the urgent hint when it is not."""
+        ioc = self._ioc
+        try:
+            _ioctl(src.fd, _SIOCATMARK, ioc, True)
+        except OSError:  # not TCP
+            src.urgent = False
+            return False
+        at = src.urgent = bool(ioc[0])
+        return at
 
     def _source_failed(self, sp: Splice, exc: OSError) -> int:
         src = sp._src
@@ -577,8 +686,10 @@ class Worker:
         if sent < got:  # the drain took less than its space said: wait for it
             self._checkout(sp).hold(data, sent)
             self._wait_for(sp, drain=True)
+            sp._fresh = False  # the event is spent: the pass the drain wakes reads to EAGAIN
             return True
         if got < n:
+            sp._fresh = False
             return True  # the source is drained; its next byte raises a new event
         sp._bulk = True  # more is waiting: the queued pass streams it through the pipe
         return False
@@ -679,9 +790,9 @@ class Worker:
         """
         sp.reason = reason
         sp.error = error
-        if reason is EndReason.UNSPLICED or reason is EndReason.POOL_CLOSED:
+        if (reason is EndReason.UNSPLICED or reason is EndReason.POOL_CLOSED) and sp.state is not S.RUNNING:
             sp._set_state(S.CLOSING)
-        else:
+        else:  # by itself, or cut short in a pass (a worker crash, pool.close's grace)
             sp._set_state(S.EXCEPTION)
         sp._finishing = True
         self.pool._source_ended(sp)  # gives up the source role
@@ -727,6 +838,7 @@ class Worker:
             if mover.pending:
                 sp.dropped += mover.drop()
             self._checkin(sp)
+        self._disarm(sp)
         src, dst = sp._src, sp._dst
         if dst.drain_of is sp:
             dst.drain_of = None  # the drain is free: another splice may take it now
@@ -740,6 +852,39 @@ class Worker:
         sp._signal_done()
         if relay is not None:
             relay._direction_done(sp)
+
+    def end_now(self, sp: Splice, reason: EndReason) -> None:
+        """End ``sp`` at once if it is between passes (on this worker); a bug doing so ends it
+        with ERROR."""
+        if sp.state is not S.IDLE and sp.state is not S.QUEUED:
+            return
+        try:
+            self._end(sp, reason, None)
+        except Exception as exc:
+            self._fail(sp, exc)
+
+    def _fail(self, sp: Splice, exc: BaseException) -> None:
+        """A bug met while handling ``sp``: end that splice with ERROR; the worker goes on.
+
+        Its leftover is dropped (counted in ``dropped``). If ending it fails too, the
+        worker cannot trust its books: it re-raises, and the crash path ends everything.
+        """
+        _native.report(
+            logging.ERROR, "splicepool: internal error on %r; it ends with ERROR", sp, exc_info=True
+        )
+        self._abandon(sp, EndReason.ERROR, OSError(errno.EIO, f"splicepool internal error: {exc!r}"))
+
+    def _abandon_safely(self, sp: Splice, reason: EndReason, error: OSError | None) -> None:
+        """``_abandon`` on the way out: a failure is reported, and the splice still completes."""
+        try:
+            self._abandon(sp, reason, error)
+        except Exception:
+            _native.report(logging.CRITICAL, "splicepool: cannot end %r cleanly", sp, exc_info=True)
+            if sp.state is not S.CLOSED:
+                if sp.reason is None:
+                    sp.reason, sp.error = reason, error
+                sp.state = S.CLOSED  # no legal move is left: waiters must not hang
+                sp._complete()
 
     def _abandon(self, sp: Splice, reason: EndReason, error: OSError | None) -> None:
         """End a splice now, whatever its state: leftover dropped (pool close, crash)."""

@@ -12,6 +12,10 @@ Both movers keep one contract, which the worker's xfer pass relies on:
   leftover. ``drop()`` discards it (the drain is gone) and returns its size.
   ``hold(data, sent)`` makes the rest of ``data`` (bytes the worker read and
   sent itself, of which ``sent`` went) the leftover, to be pushed first.
+* ``step(src, n, buf)`` is ``pull`` with ``recv_into`` (into ``buf``): it reads
+  past a TCP urgent mark, where ``os.splice`` stops for good and ``recv`` only
+  once (without ``SO_OOBINLINE`` it skips the urgent byte, with it the byte is
+  read as data). Only called when ``pending`` is 0.
 * ``release()`` gives back per-splice resources once ``pending`` is 0: an
   idle splice holds no pipe.
 
@@ -131,6 +135,15 @@ class _Copied:
             left = left[sent:]
         self._left = left
         self.pending = len(left)
+
+    def step(self, src: Any, n: int, buf: memoryview) -> int:
+        want = n if n < len(buf) else len(buf)
+        got = src.sock.recv_into(buf, want)
+        self.short = got < want
+        if got:
+            self._left = buf[:got]  # pushed in the same pass; copied by hold() if the drain balks
+            self.pending = got
+        return got
 
     def _push_copied(self, dst: Any) -> int:
         left = self._left

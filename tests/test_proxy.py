@@ -195,7 +195,7 @@ def test_bad_requests_change_nothing(pool, relay):
     with pytest.raises(OSError) as info:
         pool.proxy(relay.a, relay.a)
     assert info.value.errno == errno.EINVAL
-    sp = pool.splice(relay.a, relay.client)  # a is now a busy source
+    sp = pool.splice(relay.a, relay.server)  # a is now a busy source
     fds = fd_count()
     with pytest.raises(OSError) as info:
         pool.proxy(relay.a, relay.b)

@@ -134,13 +134,16 @@ def test_a_stalled_splice_does_not_stall_its_worker(zero_copy):
 
 
 def test_a_spinning_splice_does_not_starve_others_on_its_worker(zero_copy):
-    """A loop (c -> s -> c) always has data and space; another splice on its worker still runs."""
+    """A ring (s1 -> c2 -> s2 -> c1 -> s1) always has data and space; another splice on its
+    worker still runs."""
     c, s = tcp_pair()
+    c2, s2 = tcp_pair()
     ln = Link()
     pool = SplicePool(workers=1, zero_copy=zero_copy)
     try:
-        c.sendall(payload(64 * 1024, 3))  # queued in s; splice(s, c) sends it back to s, forever
-        hog = pool.splice(s, c)
+        c.sendall(payload(64 * 1024, 3))  # queued in s; s -> c2 -> s2 -> c -> s, forever
+        hog = pool.splice(s, c2)
+        pool.splice(s2, c)
         assert until(lambda: hog.transferred > 4 * MiB)
         data = payload(4 * MiB, 4)
         col = Collector(ln.peer_dst)
@@ -158,8 +161,8 @@ def test_a_spinning_splice_does_not_starve_others_on_its_worker(zero_copy):
         assert hog.wait(5) is EndReason.UNSPLICED
     finally:
         pool.close()
-        c.close()
-        s.close()
+        for sock in (c, s, c2, s2):
+            sock.close()
         ln.close()
 
 
