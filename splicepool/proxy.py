@@ -4,7 +4,9 @@
 EOF, the other socket's write side is shut (``SHUT_WR``) so its peer sees the
 FIN, and the other direction keeps running. When both have ended, both sockets
 are closed. An error, an idle timeout, an unsplice or ``close()`` on either
-direction ends both. The pool owns both sockets from the call on: no
+direction ends both, and then both sockets are closed with a reset (RST), as a
+transparent TCP path would: a peer must never mistake a cut relay for a
+complete transfer. The pool owns both sockets from the call on: no
 duplicates, so a proxied connection costs its two fds (plus a pooled pipe only
 while data is in flight).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 from collections.abc import Generator
 
 from . import _checks
@@ -26,12 +29,14 @@ if TYPE_CHECKING:
 
     from .pool import SplicePool
 
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 class Proxy(_Waitable):
     """Handle of a running relay: ``forward`` (a → b) and ``reverse`` (b → a) splices.
 
     ``done()`` once both have ended and both sockets are closed; ``reason`` is
-    EOF when both directions ended by EOF, else the first other reason.
+    EOF when both directions ended by EOF, else the first other reason. A relay
+    that did not end by EOF both ways closes both sockets with a RST.
     """
 
     __slots__ = ("pool", "half_close", "forward", "reverse", "_first_reason", "_left", "__weakref__")
@@ -105,6 +110,14 @@ class Proxy(_Waitable):
             with _DONE_LOCK:
                 if self._first_reason is None:
                     self._first_reason = sp.reason
+            if self._first_reason is not EndReason.EOF:
+                # Cut short: each peer gets a RST when the pool closes the sockets, not a
+                # FIN that would look like the end of a complete transfer.
+                for ep in (sp._src, sp._dst):
+                    try:
+                        ep.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+                    except OSError:
+                        pass  # AF_UNIX has no RST; a socket already reset needs none
             if other.state in LIVE_STATES:
                 self.pool._abort(other)
 
