@@ -57,6 +57,7 @@ class Endpoint:
         "sndbuf_age",
         "space",
         "queued",
+        "looked",
         "urgent",
         "src_of",
         "drain_of",
@@ -76,7 +77,8 @@ class Endpoint:
         self.sndbuf = 0
         self.sndbuf_age = 1 << 30  # read SO_SNDBUF on the first pass
         self.space = 0  # free send buffer at the last SIOCOUTQ, less what was sent since
-        self.queued = 0  # its send queue when an idle timer last looked (see Worker._queue_shrank)
+        self.queued = 0  # its send queue when an idle timer last looked (see Worker._idle_expired)
+        self.looked = 0.0  # when that was (monotonic)
         self.urgent = False  # TCP urgent data was reported: reads may stop at its mark
         self.src_of: Splice | None = None  # the live splice reading from it
         self.drain_of: Splice | None = None  # the splice (not done) writing into it

@@ -190,12 +190,8 @@ class Worker:
                 self._process_control()
             if timers and timers[0][0] <= monotonic():
                 self._expire_timers(monotonic())
-            for _ in range(len(ready)):
-                if control:  # a caller waits in pool.splice() or unsplice(): at most one pass
-                    self._process_control()
-                sp = ready.popleft()
-                sp._queued = False
-                self._xfer(sp)
+            if ready:
+                self._run_ready()
             if self._closing_at is not None:
                 if not self.fds:
                     return
@@ -203,6 +199,18 @@ class Worker:
                     for sp in self.assigned():
                         self._abandon_safely(sp, EndReason.POOL_CLOSED, None)
                     return
+
+    def _run_ready(self) -> None:
+        """One pass for each splice ready now, in order (its own frame: no ended splice is
+        kept alive by a loop variable while the worker sleeps)."""
+        ready = self.ready
+        control = self.control
+        for _ in range(len(ready)):
+            if control:  # a caller waits in pool.splice() or unsplice(): at most one pass
+                self._process_control()
+            sp = ready.popleft()
+            sp._queued = False
+            self._xfer(sp)
 
     def _dispatch(self, ep: Any, flags: int) -> None:
         """Readiness on an fd: queue the splice(s) it can move (FreeBSD's so_splice_dispatch).
@@ -311,6 +319,7 @@ class Worker:
             self.zero_copy += 1
         if sp.idle:
             now = sp._last_move = _native.monotonic()
+            self._look((sp._dst, sp._src) if sp._proxy is not None else (sp._dst,), now)
             self._arm(sp, now + sp.idle)
         # The first pass runs now, before pool.splice() returns: data already in the
         # source moves at once, as both kernels move it inside setsockopt().
@@ -423,13 +432,10 @@ class Worker:
 
     # -- timers ------------------------------------------------------------------
     def _arm(self, sp: Splice, deadline: float) -> None:
-        """(Re-)arm ``sp``'s idle timer, and note its drains' send queues (see _idle_expired)."""
+        """(Re-)arm ``sp``'s idle timer."""
         entry = [deadline, next(self._seq), sp]
         sp._timer = entry
         heapq.heappush(self.timers, entry)
-        self._queue_shrank(sp._dst)
-        if sp._proxy is not None:
-            self._queue_shrank(sp._src)  # the other direction's drain
 
     def _disarm(self, sp: Splice) -> None:
         """An ended splice keeps no timer: its entry forgets it, and dead entries are compacted."""
@@ -464,22 +470,37 @@ class Worker:
 
         Active means a byte moved (either way, for a relay), or a byte left a drain's
         send queue: a client reading a fast upstream slowly empties a multi-MB buffer
-        without waking the pool, and must not be cut.
+        without waking the pool, and must not be cut. The queues are looked at when
+        the timer fires (SIOCOUTQ); with no byte pushed since the last look, a queue
+        only shrinks when the peer takes bytes. While bytes wait in a queue, it is
+        known quiet only since that look, and must stay so for ``idle`` seconds.
         """
         last = sp._last_move
         relay = sp._proxy
         if relay is not None:  # a relay is idle only when neither way moves
             last = max(last, relay._other(sp)._last_move)
+        drains = (sp._dst, sp._src) if relay is not None else (sp._dst,)
         deadline = last + sp.idle
         if deadline > now:  # something moved since: re-arm (one entry per splice)
+            self._look(drains, now)
             self._arm(sp, deadline)
             return
-        shrank = self._queue_shrank(sp._dst)
-        if relay is not None:
-            shrank = self._queue_shrank(sp._src) or shrank
-        if shrank:
-            sp._last_move = now
-            self._arm(sp, now + sp.idle)
+        quiet_from = None
+        for ep in drains:
+            queued = self._send_queue(ep)
+            if queued < 0:
+                continue
+            if queued < ep.queued or ep.looked < last:
+                # Bytes left the queue (or no look since the last move to compare with):
+                # active now; look again from here.
+                sp._last_move = now
+                self._look(drains, now)
+                self._arm(sp, now + sp.idle)
+                return
+            if queued or ep.queued:
+                quiet_from = ep.looked if quiet_from is None else max(quiet_from, ep.looked)
+        if quiet_from is not None and quiet_from + sp.idle > now:
+            self._arm(sp, quiet_from + sp.idle)
             return
         # Nothing moved for `idle` seconds; a leftover means the drain accepted nothing.
         if sp.state in LIVE_STATES:
@@ -488,23 +509,24 @@ class Worker:
             sp.dropped += sp._mover.drop()
             self._finish(sp)
 
-    def _queue_shrank(self, ep: Any) -> bool:
-        """Did bytes leave ``ep``'s send queue since the last look? (Remembers this look.)
+    def _look(self, drains: tuple[Any, ...], now: float) -> None:
+        """Note the drains' send queues now, for the next idle deadline to compare."""
+        for ep in drains:
+            queued = self._send_queue(ep)
+            if queued >= 0:
+                ep.queued = queued
+                ep.looked = now
 
-        Between two looks with no byte pushed into it (an idle timer's window), the
-        queue only shrinks when the peer takes bytes.
-        """
+    def _send_queue(self, ep: Any) -> int:
+        """Bytes in ``ep``'s send queue (SIOCOUTQ), or -1 where it cannot be known."""
         if not ep.outq or ep.sock is None:
-            return False
+            return -1
         ioc = self._ioc
         try:
             _ioctl(ep.fd, _SIOCOUTQ, ioc, True)
         except OSError:
-            return False
-        queued = ioc[0]
-        shrank = queued < ep.queued
-        ep.queued = queued
-        return shrank
+            return -1
+        return ioc[0]
 
     # -- xfer ----------------------------------------------------------------------
     def _xfer(self, sp: Splice) -> None:
