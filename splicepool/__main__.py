@@ -9,9 +9,18 @@ import resource
 import signal
 import socket
 import sys
+import time
 
 from .pool import SplicePool
-from .server import ProxyServer, parse_hostport
+from .server import (
+    WILDCARDS,
+    ProxyServer,
+    StatsServer,
+    format_addr,
+    loops_back,
+    parse_hostport,
+    resolve,
+)
 
 TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
 if TYPE_CHECKING:
@@ -26,19 +35,37 @@ examples:
   python -m splicepool proxy --listen [::1]:8080 --connect [::1]:8000 \\
       --idle 300 --stats-listen 9100
 
-  # two processes on one port (SO_REUSEPORT), at most 5000 connections each
+  # two processes on one port (SO_REUSEPORT), at most 5000 connections each,
+  # on every interface (said so in a warning line at start)
   python -m splicepool proxy --listen 0.0.0.0:8080 --connect 10.0.0.2:80 \\
       --processes 2 --max-conns 5000
 
 Each finished connection logs one line: peer, bytes up (client to upstream)
 and down, duration and end reason (EOF, IDLE, ERROR, UNSPLICED, POOL_CLOSED).
+up= counts bytes written to the upstream's socket buffer, down= counts bytes
+written to the client's socket buffer, not bytes the client has received: the
+kernel may still hold some when a connection ends.
+
+--connect's name is resolved once, at start; each connection tries the
+addresses in order until one connects, --connect-timeout for each. --listen
+needs a host: 0.0.0.0:PORT or [::]:PORT listens on every interface.
+Timeouts may be inf (never). --connect may not be --listen itself.
+
 SIGINT or SIGTERM stops accepting, lets live connections finish for --grace
-seconds, closes the rest and exits with status 0.
+seconds, closes the rest and exits with status 0. SIGHUP and SIGUSR1 are
+logged and ignored (no reload yet). With --processes, the parent forwards
+SIGINT/SIGTERM to the children and replaces a child that dies (after 0.1 s,
+doubling up to 5 s while they keep dying within 10 s of starting).
 """
+
+_INF = float("inf")
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
@@ -67,15 +94,33 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _hostport(text: str) -> tuple[str, int]:
+def _listen_addr(text: str) -> tuple[str, int]:
     try:
-        return parse_hostport(text)
+        host, port = parse_hostport(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if not host:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: no host; write 127.0.0.1:{port} (this host only), "
+            f"or [::]:{port} or 0.0.0.0:{port} to listen on every interface"
+        )
+    return host, port
+
+
+def _connect_addr(text: str) -> tuple[str, int]:
+    try:
+        host, port = parse_hostport(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not host:
+        raise argparse.ArgumentTypeError(f"{text!r}: no host")
+    if port == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: port 0 is not a port to connect to")
+    return host, port
 
 
 def _stats_addr(text: str) -> tuple[str, int]:
-    try:
+    try:  # PORT and :PORT both mean 127.0.0.1:PORT, as --help says
         return parse_hostport(text, default_host="127.0.0.1")
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
@@ -92,20 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--listen", required=True, type=_hostport, metavar="HOST:PORT",
-                   help="address to accept on; IPv6 in brackets, as [::1]:8080")
-    p.add_argument("--connect", required=True, type=_hostport, metavar="HOST:PORT",
-                   help="upstream address each connection is forwarded to")
+    p.add_argument("--listen", required=True, type=_listen_addr, metavar="HOST:PORT",
+                   help="address to accept on; IPv6 in brackets, as [::1]:8080; "
+                   "0.0.0.0:PORT or [::]:PORT for every interface")
+    p.add_argument("--connect", required=True, type=_connect_addr, metavar="HOST:PORT",
+                   help="upstream address each connection is forwarded to (every address "
+                   "the name resolves to is tried, in order)")
     p.add_argument("--workers", type=_count(1), default=None, metavar="N",
                    help="splice worker threads per process (default: one per CPU)")
     p.add_argument("--idle", type=_positive_float, default=None, metavar="SECONDS",
                    help="close a connection after this long with no byte moved either way "
-                   "(default: never)")
+                   "(default and inf: never)")
     p.add_argument("--max-conns", type=_count(0), default=0, metavar="N",
                    help="at most N live connections per process; more wait in the listen "
                    "backlog (default: 0, no limit)")
     p.add_argument("--connect-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
-                   help="give up on an upstream connect after this long (default: 10)")
+                   help="give up on an upstream address after this long, then try the next "
+                   "one (default: 10; inf: never)")
     p.add_argument("--nodelay", action=argparse.BooleanOptionalAction, default=True,
                    help="set TCP_NODELAY on both legs (default: on)")
     p.add_argument("--pipe-size", type=_count(4096), default=1 << 20, metavar="BYTES",
@@ -117,12 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="set SO_REUSEPORT on the listening socket")
     p.add_argument("--processes", type=_count(1), default=1, metavar="N",
                    help="run N processes on the same port with SO_REUSEPORT (default: 1); "
-                   "with --stats-listen, process i serves stats on PORT+i")
+                   "with --stats-listen, process i serves stats on PORT+i; a child that dies "
+                   "is replaced")
     p.add_argument("--grace", type=_seconds, default=10.0, metavar="SECONDS",
-                   help="on SIGINT/SIGTERM, how long live connections may finish (default: 10)")
+                   help="on SIGINT/SIGTERM, how long live connections may finish "
+                   "(default: 10; inf: until they end)")
     p.add_argument("--stats-listen", type=_stats_addr, default=None, metavar="[HOST:]PORT",
                    help="serve /stats (JSON) and /metrics (Prometheus) over HTTP; "
-                   "host defaults to 127.0.0.1 (default: off)")
+                   "host defaults to 127.0.0.1 (default: off); at most 8 connections at "
+                   "once, 5 s and an 8 KiB request head each")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"],
                    help="logging level (default: info)")
@@ -141,38 +192,67 @@ def raise_nofile_limit() -> int:
     return soft
 
 
+_IGNORED = {signal.SIGHUP: "SIGHUP", signal.SIGUSR1: "SIGUSR1"}
+
+
+def _ignored_line(signum: int) -> str:
+    return f"{_IGNORED[signum]} received: ignored (reload is not supported yet)"
+
+
+def _warn_wildcard(what: str, address: tuple[Any, ...], why: str) -> None:
+    if address[0] in WILDCARDS:
+        logging.getLogger("splicepool.proxy").warning(
+            "%s on every interface (%s): %s", what, format_addr(address), why
+        )
+
+
 def run_proxy(args: argparse.Namespace, index: int = 0) -> int:
-    """One proxy process: serve until SIGINT/SIGTERM, then wind down; exit status."""
+    """One proxy process: serve until SIGINT/SIGTERM, then wind down; exit status.
+
+    1 if it cannot listen or serve stats, 2 if --connect is its own listening address; the
+    error is then the last line logged."""
     log = logging.getLogger("splicepool.proxy")
+    stats = None
+    if args.stats_listen is not None:  # bound first: a port in use fails before anything starts
+        host, port = args.stats_listen
+        try:
+            stats = StatsServer((host, port + index if port else 0))
+        except OSError as exc:
+            log.error("cannot serve stats on %s: %s", format_addr(args.stats_listen), exc.strerror or exc)
+            return 1
     pool = SplicePool(workers=args.workers, pipe_size=args.pipe_size, bind_cpus=args.bind_cpus)
     try:
         server = _server(args, pool)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         pool.close()
-        log.error("cannot listen on %s:%d: %s", *args.listen, exc.strerror or exc)
-        return 1
-    httpd = None
-    try:
-        if args.stats_listen is not None:
-            host, port = args.stats_listen
-            httpd = server.serve_stats((host, port + index if port else 0))
-    except OSError as exc:
-        log.error("cannot serve stats on %s:%d: %s", *args.stats_listen, exc.strerror or exc)
-        server.stop()
-        server.serve_forever(grace=0)
+        if stats is not None:
+            stats.close()
+        if isinstance(exc, ValueError):
+            log.error("--connect %s", exc)
+            return 2
+        log.error("cannot listen on %s: %s", format_addr(args.listen), exc.strerror or exc)
         return 1
 
     def on_signal(signum: int, _frame: Any) -> None:
         server.stop()
 
+    def on_ignored(signum: int, _frame: Any) -> None:
+        server.warn_soon(_ignored_line(signum))
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    for signum in _IGNORED:
+        signal.signal(signum, on_ignored)
+    _warn_wildcard("listening", server.address, "anyone who can reach this host can use the proxy")
+    if stats is not None:
+        stats.start(server)
+        _warn_wildcard("stats", stats.address, "anyone who can reach this host can read them")
+        log.info("stats on http://%s/stats and /metrics", format_addr(stats.address))
     try:
         server.serve_forever(grace=args.grace)
     finally:
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
+        if stats is not None:
+            stats.close()
     log.info("stopped after %d connection(s)", server.counters.accepted)
     return 0
 
@@ -182,7 +262,7 @@ def _server(args: argparse.Namespace, pool: SplicePool) -> ProxyServer:
         args.listen,
         args.connect,
         pool=pool,
-        idle=args.idle,
+        idle=None if args.idle == _INF else args.idle,
         max_conns=args.max_conns,
         connect_timeout=args.connect_timeout,
         nodelay=args.nodelay,
@@ -190,40 +270,124 @@ def _server(args: argparse.Namespace, pool: SplicePool) -> ProxyServer:
     )
 
 
+_RESTART_FIRST = 0.1  # seconds before replacing a dead child...
+_RESTART_MAX = 5.0  # ...doubling up to this while children keep dying fast
+_STABLE = 10.0  # a child that ran this long died "slowly": the next back-off starts over
+_CHILD_CRASHED = 70  # a child's exit status after an unexpected exception (EX_SOFTWARE)
+_SUPERVISOR_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, *_IGNORED}
+
+
+def _how_it_died(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        return f"was killed by {name}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
 def run_processes(args: argparse.Namespace) -> int:
-    """Fork ``--processes`` children on one port; forward SIGINT/SIGTERM; exit 0 if all did."""
-    children: list[int] = []
-    for index in range(args.processes):
+    """Supervise ``--processes`` children on one port.
+
+    A child that dies is logged and replaced after a back-off; one that fails to start
+    (status 1 or 2: cannot listen, cannot serve stats, --connect loops back) stops them all,
+    and the parent exits with its status. SIGINT/SIGTERM are forwarded to the children;
+    the parent exits 0 once every child has exited 0. Signals are taken synchronously
+    (blocked, then ``sigtimedwait``): no handler runs in the middle of the loop.
+    """
+    log = logging.getLogger("splicepool.proxy")
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SUPERVISOR_SIGNALS)
+    pids: dict[int, int] = {}  # pid -> process index
+    started: dict[int, float] = {}  # index -> when its current child started
+    delays: dict[int, float] = {}  # index -> its last back-off
+    due: dict[int, float] = {}  # index -> when to start its replacement
+    stopping = 0  # the signal to stop on, once received
+    failed = 0  # the status of a child that could not start, or of one that ended badly
+
+    def spawn(index: int) -> None:
         pid = os.fork()
         if pid == 0:
-            status = 1
+            status = _CHILD_CRASHED
             try:
+                for signum in _SUPERVISOR_SIGNALS:
+                    signal.signal(signum, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
                 status = run_proxy(args, index)
             except BaseException:
-                logging.getLogger("splicepool.proxy").exception("process %d failed", index)
+                log.exception("process %d failed", index)
             finally:
                 logging.shutdown()
                 os._exit(status)
-        children.append(pid)
+        pids[pid] = index
+        started[index] = time.monotonic()
+        log.info("process %d started: pid %d", index, pid)
 
-    def forward(signum: int, _frame: Any) -> None:
-        for pid in children:
+    def stop_all(signum: int) -> None:
+        due.clear()
+        for pid in pids:
             try:
                 os.kill(pid, signum)
             except ProcessLookupError:
                 pass
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    worst = 0
-    for pid in children:
-        _, status = os.waitpid(pid, 0)
-        worst = max(worst, os.waitstatus_to_exitcode(status) & 0xFF)
-    return worst
+    try:
+        for index in range(args.processes):
+            spawn(index)
+        while pids or (due and not stopping):
+            timeout = 3600.0
+            if due:
+                timeout = max(0.0, min(due.values()) - time.monotonic())
+            info = signal.sigtimedwait(_SUPERVISOR_SIGNALS, timeout)
+            if info is not None and info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                if not stopping:
+                    log.info("stopping %d process(es)", len(pids))
+                stopping = info.si_signo
+                stop_all(stopping)
+            elif info is not None and info.si_signo in _IGNORED:
+                log.warning("%s", _ignored_line(info.si_signo))
+            while pids:  # reap every child that ended (SIGCHLDs may have merged)
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if pid == 0:
+                    break
+                index = pids.pop(pid, None)
+                if index is None:
+                    continue
+                code = os.waitstatus_to_exitcode(status)
+                if stopping or failed:
+                    if code != 0:
+                        log.warning("process %d (pid %d) %s", index, pid, _how_it_died(status))
+                        failed = failed or 1
+                    continue
+                if code in (1, 2):  # it could not start: another try would fail the same way
+                    log.error("process %d (pid %d) %s: stopping", index, pid, _how_it_died(status))
+                    failed = code
+                    stop_all(signal.SIGTERM)
+                    continue
+                lived = time.monotonic() - started[index]
+                last = delays.get(index)
+                delay = _RESTART_FIRST if last is None or lived >= _STABLE else min(last * 2, _RESTART_MAX)
+                delays[index] = delay
+                due[index] = time.monotonic() + delay
+                log.warning(
+                    "process %d (pid %d) %s; starting a new one in %.1f s",
+                    index, pid, _how_it_died(status), delay,
+                )
+            now = time.monotonic()
+            for index, when in sorted(due.items()):
+                if when <= now and not stopping and not failed:
+                    del due[index]
+                    spawn(index)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    return failed
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(process)d %(levelname)s %(message)s",
@@ -231,10 +395,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     limit = raise_nofile_limit()
     logging.getLogger("splicepool.proxy").debug("open-file limit: %d", limit)
+    connect = format_addr(args.connect)
     try:
-        socket.getaddrinfo(*args.connect, type=socket.SOCK_STREAM)
+        upstreams = resolve(args.connect)
     except OSError as exc:
-        raise SystemExit(f"--connect {args.connect[0]}:{args.connect[1]}: {exc}") from None
+        raise SystemExit(f"--connect {connect}: {exc}") from None
+    try:
+        listens = socket.getaddrinfo(*args.listen, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[:1]
+    except OSError as exc:
+        raise SystemExit(f"--listen {format_addr(args.listen)}: {exc}") from None
+    if any(loops_back(listen[4], up[4]) for listen in listens for up in upstreams):
+        parser.error(
+            f"--connect {connect} is this proxy's own --listen address "
+            "(every connection would loop back into the proxy)"
+        )
     if args.processes > 1:
         return run_processes(args)
     return run_proxy(args)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import selectors
 import socket
 import threading
@@ -24,13 +25,13 @@ from .proxy import Proxy
 
 TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
 if TYPE_CHECKING:
-    import http.server
     from typing import Any
 
 log = logging.getLogger("splicepool.proxy")
 
 _ACCEPT_BURST = 64  # connections accepted per wakeup before looking at the rest
 _EMFILE_BACKOFF = 0.1  # seconds without accepting after running out of fds
+_MAX_WAIT = 3600.0  # the longest single selector wait: epoll's limit is ~24.8 days, inf overflows
 
 
 def parse_hostport(text: str, *, default_host: str | None = None) -> tuple[str, int]:
@@ -50,7 +51,9 @@ def parse_hostport(text: str, *, default_host: str | None = None) -> tuple[str, 
         raise ValueError(f"{text!r}: expected HOST:PORT")
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
-    return host or "0.0.0.0", int(port)
+    if not host and default_host is not None:
+        host = default_host
+    return host, int(port)  # an empty host stays empty: the caller refuses it or picks one
 
 
 def format_addr(addr: Any) -> str:
@@ -58,6 +61,56 @@ def format_addr(addr: Any) -> str:
         host, port = addr[0], addr[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(addr)
+
+
+WILDCARDS = ("0.0.0.0", "::")
+
+
+def printable(text: str | bytes) -> str:
+    """Peer-controlled text made safe for a log line: every character outside printable
+    ASCII (control characters, DEL, CR/LF, non-ASCII) and the backslash become ``\\xNN``."""
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    return "".join(c if " " <= c <= "~" and c != "\\" else f"\\x{ord(c):02x}" for c in text)
+
+
+def _plain_ip(host: str) -> str:
+    """``::ffff:1.2.3.4`` → ``1.2.3.4``; any other address as it is."""
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
+
+
+def _is_local(host: str) -> bool:
+    """Whether ``host`` (an IP address) is one of this machine's: can a socket bind to it?"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
+
+
+def loops_back(listen: tuple[Any, ...], upstream: tuple[Any, ...]) -> bool:
+    """Whether connecting to ``upstream`` (a resolved sockaddr) reaches the listener bound to
+    ``listen``: the same port and the same address, or the listener on a wildcard (``::`` is
+    dual-stack: it takes IPv4 too) and the upstream one of this machine's addresses."""
+    if listen[1] != upstream[1] or not listen[1]:
+        return False
+    lhost, uhost = _plain_ip(listen[0]), _plain_ip(upstream[0])
+    if lhost == uhost:
+        return True
+    if lhost == "0.0.0.0":
+        return ":" not in uhost and _is_local(uhost)
+    if lhost == "::":
+        return _is_local(uhost)
+    return False
+
+
+def _name_sides(message: str) -> str:
+    """An engine message about ``proxy(a, b)`` in the CLI's words: a is the client, b the upstream."""
+    return re.sub(r"\b([ab]) fd \d+", lambda m: "client" if m.group(1) == "a" else "upstream", message)
 
 
 class Counters:
@@ -72,7 +125,7 @@ class Counters:
         self.finished = 0
         self.refused = 0
         self.failed_connects = 0
-        self.bytes_up = 0
+        self.bytes_up = 0  # of finished connections only
         self.bytes_down = 0
         self.reasons: dict[str, int] = {}
 
@@ -80,7 +133,8 @@ class Counters:
 class _Conn:
     """One accepted connection: while its upstream connects, then until it is logged."""
 
-    __slots__ = ("id", "client", "peer", "started", "upstream", "deadline", "relay", "_server")
+    __slots__ = ("id", "client", "peer", "started", "upstream", "deadline", "relay", "attempt",
+                 "errors", "_server")
 
     def __init__(self, server: ProxyServer, id: int, client: socket.socket, peer: str, started: float) -> None:
         self._server = server
@@ -91,6 +145,8 @@ class _Conn:
         self.upstream: socket.socket | None = None
         self.deadline = 0.0
         self.relay: Proxy | None = None
+        self.attempt = 0  # index of the upstream address tried now (or connected to)
+        self.errors: list[str] = []  # "address: error" of each address that failed
 
     def __call__(self, _relay: Proxy) -> None:
         """The relay's done callback (a worker thread): queue it for the loop to log."""
@@ -100,6 +156,10 @@ class _Conn:
 
 class ProxyServer:
     """Accept on ``listen``, connect to ``connect``, splice the two with ``pool.proxy``.
+
+    ``connect`` is resolved once, here; each connection tries the resolved addresses in
+    order until one connects, ``connect_timeout`` seconds each (``inf``: no limit).
+    ``ValueError`` if ``connect`` is the listening address itself.
 
     ``on_finished(conn_id, peer, relay)``, if given, is called once per proxied
     connection after it has ended and been counted and logged, with the ``Proxy``
@@ -129,11 +189,24 @@ class ProxyServer:
         self.connect_timeout = connect_timeout
         self.nodelay = nodelay
         self.counters = Counters()
-        self._upstream = socket.getaddrinfo(connect[0], connect[1], type=socket.SOCK_STREAM)[0]
-        self.connect_label = format_addr(self._upstream[4])
+        self._upstreams = resolve(connect)
+        addrs = [format_addr(info[4]) for info in self._upstreams]
+        if len(addrs) == 1:
+            self.connect_label = addrs[0]
+        else:
+            self.connect_label = format_addr(connect)
+        self.connect_description = self.connect_label
+        if len(addrs) > 1 or addrs[0] != format_addr(connect):
+            self.connect_description = f"{format_addr(connect)} ({', '.join(addrs)})"
         self.listener = listener if listener is not None else _listen(listen, reuse_port, backlog)
-        self.listener.setblocking(False)
         self.address = self.listener.getsockname()
+        if any(loops_back(self.address, info[4]) for info in self._upstreams):
+            self.listener.close()
+            raise ValueError(
+                f"{format_addr(connect)} is this proxy's own listening address "
+                "(every connection would loop back into the proxy)"
+            )
+        self.listener.setblocking(False)
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
@@ -141,11 +214,14 @@ class ProxyServer:
         self._paused_until = 0.0
         self._ids = 0
         self._connecting: dict[int, _Conn] = {}  # upstream fd -> connection
-        # Connects in progress, oldest first: with one timeout for all, that is deadline order.
-        # A connection leaves when it is due; one that connected or failed (deadline 0) is
-        # dropped as soon as it reaches the head, so the queue holds no finished connect long.
-        self._deadlines: deque[_Conn] = deque()
+        # Connect attempts in progress, oldest first: (deadline, conn, its upstream socket then).
+        # With one timeout for all, that is deadline order. An entry whose connection has
+        # connected, failed or moved on to its next address is stale: dropped when at the head.
+        self._deadlines: deque[tuple[float, _Conn, socket.socket]] = deque()
         self._finished: deque[_Conn] = deque()  # filled by workers' done callbacks
+        self._live: dict[int, _Conn] = {}  # proxied connections not logged yet, by id
+        self._live_lock = threading.Lock()  # _live and the byte counters, against stats()
+        self._notes: deque[str] = deque()  # warnings to log from the loop (signal handlers)
         self._stopping = False
         self._stop_requested = False
 
@@ -153,6 +229,11 @@ class ProxyServer:
     def stop(self) -> None:
         """Ask ``serve_forever`` to stop accepting and wind down (thread- and signal-safe)."""
         self._stop_requested = True
+        self._wake()
+
+    def warn_soon(self, message: str) -> None:
+        """Have the loop log ``message`` as a warning (signal-safe: a handler must not log)."""
+        self._notes.append(message)
         self._wake()
 
     def _wake(self) -> None:
@@ -165,7 +246,7 @@ class ProxyServer:
     def serve_forever(self, grace: float = 10.0) -> None:
         """Serve until ``stop()``; then let live connections finish for ``grace`` seconds."""
         self._set_accepting(True)
-        log.info("listening on %s, proxying to %s", format_addr(self.address), self.connect_label)
+        log.info("listening on %s, proxying to %s", format_addr(self.address), self.connect_description)
         drain_until = None
         try:
             while True:
@@ -187,17 +268,25 @@ class ProxyServer:
         finally:
             self._shutdown()
 
+    def close(self) -> None:
+        """Release what the constructor took (listener, selector, wakeup pipe, pool) without
+        serving: for a server whose ``serve_forever`` will never run."""
+        self._stopping = True
+        self._shutdown()
+
     def _timeout(self, now: float, drain_until: float | None) -> float | None:
+        """How long the selector may wait: the nearest deadline, at most ``_MAX_WAIT``
+        (a connect timeout or grace of ``inf`` or of months is waited for in slices)."""
         timeout = None
         if self._deadlines:
-            timeout = max(0.0, self._deadlines[0].deadline - now)
+            timeout = max(0.0, self._deadlines[0][0] - now)
         if self._paused_until:
             left = max(0.0, self._paused_until - now)
             timeout = left if timeout is None else min(timeout, left)
         if drain_until is not None:
             left = max(0.0, drain_until - now)
             timeout = left if timeout is None else min(timeout, left)
-        return timeout
+        return timeout if timeout is None else min(timeout, _MAX_WAIT)
 
     def _run_once(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
         for key, _mask in events:
@@ -210,14 +299,21 @@ class ProxyServer:
                 self._accept()
             else:
                 self._connected(key.data)
+        while self._notes:
+            log.warning("%s", self._notes.popleft())
         while self._finished:
             self._log_finished(self._finished.popleft())
         now = time.monotonic()
         deadlines = self._deadlines
-        while deadlines and deadlines[0].deadline <= now:
-            conn = deadlines.popleft()
-            if conn.deadline:
-                self._connect_failed(conn, OSError(errno.ETIMEDOUT, "connect timed out"))
+        while deadlines:
+            deadline, conn, up = deadlines[0]
+            if conn.upstream is up and conn.deadline:  # still this attempt
+                if deadline > now:
+                    break
+                deadlines.popleft()
+                self._attempt_failed(conn, OSError(errno.ETIMEDOUT, "connect timed out"))
+            else:
+                deadlines.popleft()
         if self._paused_until and now >= self._paused_until:
             self._paused_until = 0.0
         self._set_accepting(not self._stopping and not self._paused_until and not self._full())
@@ -255,58 +351,103 @@ class ProxyServer:
             self.counters.accepted += 1
             self._ids += 1
             conn = _Conn(self, self._ids, client, format_addr(peer), time.monotonic())
+            if self.nodelay:
+                try:
+                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass
             self._start_connect(conn)
 
     def _start_connect(self, conn: _Conn) -> None:
-        family, type_, proto, _, addr = self._upstream
-        try:
-            up = socket.socket(family, type_, proto)
-        except OSError as exc:
-            self.counters.refused += 1
-            log.warning("conn %d %s: no socket for upstream (%s); closed", conn.id, conn.peer, exc.strerror)
-            conn.client.close()
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                self._paused_until = time.monotonic() + _EMFILE_BACKOFF
-            return
-        up.setblocking(False)
-        if self.nodelay:
-            for s in (conn.client, up):
+        """Connect ``conn`` to its next upstream address that does not fail at once."""
+        while conn.attempt < len(self._upstreams):
+            family, type_, proto, _, addr = self._upstreams[conn.attempt]
+            try:
+                up = socket.socket(family, type_, proto)
+            except OSError as exc:
+                self.counters.refused += 1
+                log.warning("conn %d %s: no socket for upstream (%s); closed", conn.id, conn.peer, exc.strerror)
+                conn.client.close()
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self._paused_until = time.monotonic() + _EMFILE_BACKOFF
+                return
+            up.setblocking(False)
+            if self.nodelay:
                 try:
-                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 except OSError:
                     pass
-        err = up.connect_ex(addr)
-        conn.upstream = up
-        if err in (0, errno.EISCONN):
-            self._hand_over(conn)
-        elif err in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
-            conn.deadline = time.monotonic() + self.connect_timeout
-            self._connecting[up.fileno()] = conn
-            self._sel.register(up, selectors.EVENT_WRITE, conn)
-            self._deadlines.append(conn)
-        else:
-            self._connect_failed(conn, OSError(err, os.strerror(err)), registered=False)
+            err = up.connect_ex(addr)
+            conn.upstream = up
+            if err in (0, errno.EISCONN):
+                self._hand_over(conn)
+                return
+            if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
+                conn.deadline = time.monotonic() + self.connect_timeout
+                self._connecting[up.fileno()] = conn
+                self._sel.register(up, selectors.EVENT_WRITE, conn)
+                self._deadlines.append((conn.deadline, conn, up))
+                return
+            up.close()
+            conn.upstream = None
+            self._note_failure(conn, OSError(err, os.strerror(err)))
+        self._connect_failed(conn)
+
+    def _note_failure(self, conn: _Conn, exc: OSError) -> None:
+        """Record that the current address failed; move ``conn`` on to the next one."""
+        addr = format_addr(self._upstreams[conn.attempt][4])
+        reason = exc.strerror or str(exc)
+        conn.errors.append(f"{addr}: {reason}" if len(self._upstreams) > 1 else reason)
+        conn.attempt += 1
+        if conn.attempt < len(self._upstreams):
+            log.debug(
+                "conn %d %s: upstream %s: %s; trying %s",
+                conn.id,
+                conn.peer,
+                addr,
+                reason,
+                format_addr(self._upstreams[conn.attempt][4]),
+            )
+
+    def _attempt_failed(self, conn: _Conn, exc: OSError) -> None:
+        """The connect in progress failed or timed out: try the next address, if any."""
+        conn.deadline = 0.0
+        up = conn.upstream
+        assert up is not None
+        self._sel.unregister(up)
+        self._connecting.pop(up.fileno(), None)
+        up.close()
+        conn.upstream = None
+        self._note_failure(conn, exc)
+        self._start_connect(conn)
 
     def _connected(self, conn: _Conn) -> None:
         up = conn.upstream
         assert up is not None
         err = up.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self._connect_failed(conn, OSError(err, os.strerror(err)))
+            self._attempt_failed(conn, OSError(err, os.strerror(err)))
             return
         self._sel.unregister(up)
         del self._connecting[up.fileno()]
         conn.deadline = 0.0
         self._hand_over(conn)
 
-    def _connect_failed(self, conn: _Conn, exc: OSError, registered: bool = True) -> None:
+    def _cancel(self, conn: _Conn) -> None:
+        """Give up a connect in progress (shutting down)."""
         conn.deadline = 0.0
         up = conn.upstream
-        if up is not None:
-            if registered:
-                self._sel.unregister(up)
-                self._connecting.pop(up.fileno(), None)
-            up.close()
+        assert up is not None
+        self._sel.unregister(up)
+        self._connecting.pop(up.fileno(), None)
+        up.close()
+        conn.upstream = None
+        conn.errors.append("shutting down")
+        self._connect_failed(conn)
+
+    def _connect_failed(self, conn: _Conn) -> None:
+        """Every address failed (or the server stops): close the client, count, log."""
+        conn.deadline = 0.0
         conn.client.close()
         self.counters.failed_connects += 1
         log.warning(
@@ -314,13 +455,14 @@ class ProxyServer:
             conn.id,
             conn.peer,
             self.connect_label,
-            exc.strerror or exc,
+            "; ".join(conn.errors),
         )
 
     def _hand_over(self, conn: _Conn) -> None:
         client, up = conn.client, conn.upstream
         assert client is not None and up is not None
         conn.client = conn.upstream = None
+        conn.deadline = 0.0
         # The pool takes the bare fds (it owns them from here): no socket object
         # per connection stays alive while it is proxied.
         a, b = client.detach(), up.detach()
@@ -328,23 +470,27 @@ class ProxyServer:
             relay = self.pool.proxy(a, b, idle=self.idle, wait=False)
         except (OSError, RuntimeError) as exc:
             self.counters.refused += 1
-            log.warning("conn %d %s: not proxied: %s", conn.id, conn.peer, exc)
+            log.warning("conn %d %s: not proxied: %s", conn.id, conn.peer, _name_sides(str(exc)))
             os.close(a)
             os.close(b)
             return
         conn.relay = relay
-        self.counters.live += 1
+        with self._live_lock:
+            self._live[conn.id] = conn
+            self.counters.live += 1
         relay.add_done_callback(conn)
 
     def _log_finished(self, conn: _Conn) -> None:
         relay = conn.relay
         assert relay is not None
         c = self.counters
-        c.live -= 1
-        c.finished += 1
         up, down = relay.forward.transferred, relay.reverse.transferred
-        c.bytes_up += up
-        c.bytes_down += down
+        with self._live_lock:  # from live to finished at once: stats() never counts it twice
+            del self._live[conn.id]
+            c.live -= 1
+            c.finished += 1
+            c.bytes_up += up
+            c.bytes_down += down
         reason = relay.reason.name if relay.reason else "?"
         c.reasons[reason] = c.reasons.get(reason, 0) + 1
         error = f" error={relay.error.strerror}" if relay.error is not None else ""
@@ -352,7 +498,7 @@ class ProxyServer:
             "conn %d %s -> %s up=%d down=%d duration=%.3fs reason=%s%s",
             conn.id,
             conn.peer,
-            self.connect_label,
+            format_addr(self._upstreams[conn.attempt][4]),
             up,
             down,
             time.monotonic() - conn.started,
@@ -371,14 +517,16 @@ class ProxyServer:
         self._set_accepting(False)
         self.listener.close()
         for conn in list(self._connecting.values()):
-            self._connect_failed(conn, OSError(errno.ECANCELED, "shutting down"))
+            self._cancel(conn)
 
     def _shutdown(self) -> None:
         for conn in list(self._connecting.values()):
-            self._connect_failed(conn, OSError(errno.ECANCELED, "shutting down"))
+            self._cancel(conn)
         self.pool.close(grace=1.0)
         while self._finished:
             self._log_finished(self._finished.popleft())
+        while self._notes:
+            log.warning("%s", self._notes.popleft())
         if self._accepting:
             self._set_accepting(False)
         if self.listener.fileno() != -1:
@@ -389,17 +537,27 @@ class ProxyServer:
 
     # -- stats -------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
+        """Counters since start. ``bytes_up``/``bytes_down``: finished connections only;
+        ``live_bytes_up``/``live_bytes_down``: what the connections still live have moved so
+        far (read together with the finished counts, so the two never overlap or miss one)."""
         c = self.counters
+        with self._live_lock:
+            relays = [conn.relay for conn in self._live.values()]
+            live_up = sum(r.forward.transferred for r in relays if r is not None)
+            live_down = sum(r.reverse.transferred for r in relays if r is not None)
+            bytes_up, bytes_down, live, finished = c.bytes_up, c.bytes_down, c.live, c.finished
         return {
             "connections": {
-                "live": c.live,
+                "live": live,
                 "accepted": c.accepted,
-                "finished": c.finished,
+                "finished": finished,
                 "refused": c.refused,
                 "failed_connects": c.failed_connects,
                 "connecting": len(self._connecting),
-                "bytes_up": c.bytes_up,
-                "bytes_down": c.bytes_down,
+                "bytes_up": bytes_up,
+                "bytes_down": bytes_down,
+                "live_bytes_up": live_up,
+                "live_bytes_down": live_down,
                 "reasons": dict(c.reasons),
             },
             "pool": self.pool.stats(),
@@ -417,6 +575,9 @@ class ProxyServer:
             for labels, value in samples:
                 lines.append(f"splicepool_{name}{labels} {value}")
 
+        def up_down(up: int, down: int) -> list[tuple[str, float]]:
+            return [('{direction="up"}', up), ('{direction="down"}', down)]
+
         metric("connections_live", "gauge", "Proxied connections now.", [("", conns["live"])])
         metric("connections_connecting", "gauge", "Upstream connects in progress.", [("", conns["connecting"])])
         metric("connections_accepted_total", "counter", "Client connections accepted.", [("", conns["accepted"])])
@@ -426,8 +587,21 @@ class ProxyServer:
         metric(
             "connection_bytes_total",
             "counter",
-            "Bytes of finished connections, by direction.",
-            [('{direction="up"}', conns["bytes_up"]), ('{direction="down"}', conns["bytes_down"])],
+            "Bytes moved by finished connections only (live ones: splicepool_live_connection_bytes), "
+            "by direction (up: client to upstream).",
+            up_down(conns["bytes_up"], conns["bytes_down"]),
+        )
+        metric(
+            "live_connection_bytes",
+            "gauge",
+            "Bytes moved so far by the connections still live, by direction.",
+            up_down(conns["live_bytes_up"], conns["live_bytes_down"]),
+        )
+        metric(
+            "bytes_total",
+            "counter",
+            "Bytes moved by all connections, finished and live, by direction.",
+            up_down(conns["bytes_up"] + conns["live_bytes_up"], conns["bytes_down"] + conns["live_bytes_down"]),
         )
         metric(
             "connections_ended_total",
@@ -451,43 +625,294 @@ class ProxyServer:
         )
         return "\n".join(lines) + "\n"
 
-    def serve_stats(self, address: tuple[str, int]) -> http.server.ThreadingHTTPServer:
+    def serve_stats(self, address: tuple[str, int]) -> StatsServer:
         """Serve ``/stats`` (JSON) and ``/metrics`` (Prometheus) from a daemon thread."""
-        import http.server  # only here: it costs a proxy ~7 MiB of memory
-        import json
+        stats = StatsServer(address)
+        stats.start(self)
+        return stats
 
-        server = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                if self.path.split("?")[0] == "/stats":
-                    body = json.dumps(server.stats(), indent=2).encode()
-                    ctype = "application/json"
-                elif self.path.split("?")[0] == "/metrics":
-                    body = server.metrics().encode()
-                    ctype = "text/plain; version=0.0.4; charset=utf-8"
-                else:
-                    self.send_error(404, "try /stats or /metrics")
+def resolve(address: tuple[str, int]) -> list[tuple[Any, ...]]:
+    """Every address ``getaddrinfo`` gives for a TCP ``(host, port)``, in its order, once each."""
+    seen: set[Any] = set()
+    infos = []
+    for info in socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM):
+        if info[4] not in seen:
+            seen.add(info[4])
+            infos.append(info)
+    return infos
+
+
+# -- the stats server --------------------------------------------------------------------------
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 431: "Request Header Fields Too Large"}
+
+
+class _StatsConn:
+    __slots__ = ("sock", "peer", "deadline", "head", "out", "done_reading")
+
+    def __init__(self, sock: socket.socket, peer: str, deadline: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.deadline = deadline
+        self.head = bytearray()
+        self.out: memoryview | None = None  # the response, once there is one
+        self.done_reading = False
+
+
+class StatsServer:
+    """``/stats`` and ``/metrics`` over HTTP, bounded so that it cannot hurt the proxy.
+
+    One thread, one selector, non-blocking sockets; each connection gets one request and
+    one response (``Connection: close``). At most ``max_conns`` connections at once (their
+    fds are all it ever takes: the proxy's fds stay the proxy's); when full, a new one
+    replaces the oldest still sending its request (so slow clients cannot lock a scraper
+    out), or, if every one is being answered, waits in the backlog. A connection has
+    ``timeout`` seconds in all, request and response; a request head over ``head_limit``
+    bytes gets 431. Out of fds, it stops accepting for a moment instead of spinning.
+
+    The constructor binds (so a port in use fails before anything is announced);
+    ``start(proxy)`` serves; ``close()`` stops and releases everything.
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        *,
+        max_conns: int = 8,
+        timeout: float = 5.0,
+        head_limit: int = 8192,
+        backlog: int = 16,
+    ) -> None:
+        import json  # only with stats: a proxy process without them is lighter
+
+        self._dumps = json.dumps
+        self.max_conns = max_conns
+        self.timeout = timeout
+        self.head_limit = head_limit
+        info = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        self._sock = socket.socket(info[0], socket.SOCK_STREAM)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._sock.bind(info[4])
+            self._sock.listen(backlog)
+            self._sock.setblocking(False)
+        except BaseException:
+            self._sock.close()
+            raise
+        self.address = self._sock.getsockname()
+        self._proxy: ProxyServer | None = None
+        self._conns: dict[int, _StatsConn] = {}  # by fd, oldest first
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._accepting = False
+        self._paused_until = 0.0
+        self._closing = False
+        self._thread: threading.Thread | None = None
+
+    def start(self, proxy: ProxyServer) -> None:
+        self._proxy = proxy
+        self._set_accepting(True)
+        self._thread = threading.Thread(target=self._serve, name="splicepool-stats", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closing = True
+        if self._thread is not None:
+            os.write(self._wake_w, b"x")
+            self._thread.join(5)
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        self._sel.close()
+        self._sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _set_accepting(self, on: bool) -> None:
+        if on != self._accepting:
+            self._accepting = on
+            if on:
+                self._sel.register(self._sock, selectors.EVENT_READ, "listen")
+            else:
+                self._sel.unregister(self._sock)
+
+    def _serve(self) -> None:
+        try:
+            self._loop()
+        except Exception:
+            log.exception("stats server failed; stats are off")
+
+    def _loop(self) -> None:
+        while not self._closing:
+            now = time.monotonic()
+            timeout = None
+            if self._conns:
+                timeout = max(0.0, next(iter(self._conns.values())).deadline - now)
+            if self._paused_until:
+                left = max(0.0, self._paused_until - now)
+                timeout = left if timeout is None else min(timeout, left)
+            for key, mask in self._sel.select(timeout):
+                if key.data == "wake":
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                elif key.data == "listen":
+                    self._accept()
+                elif key.data.sock.fileno() != -1:  # not dropped earlier in this round
+                    self._io(key.data, mask)
+            now = time.monotonic()
+            for conn in list(self._conns.values()):  # oldest first: deadline order
+                if conn.deadline > now:
+                    break
+                if conn.out is None:
+                    log.debug("stats: %s: no request within %.0f s; closed", conn.peer, self.timeout)
+                self._drop(conn)
+            if self._paused_until and now >= self._paused_until:
+                self._paused_until = 0.0
+            self._set_accepting(not self._paused_until and self._room())
+
+    def _room(self) -> bool:
+        """Room for one more connection, if need be by dropping the oldest still reading."""
+        return len(self._conns) < self.max_conns or any(c.out is None for c in self._conns.values())
+
+    def _accept(self) -> None:
+        for _ in range(_ACCEPT_BURST):
+            if not self._room():
+                return
+            try:
+                sock, peer = self._sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("stats: accept: %s; pausing for %.1f s", exc.strerror, _EMFILE_BACKOFF)
+                    self._paused_until = time.monotonic() + _EMFILE_BACKOFF
+                    self._set_accepting(False)
                     return
-                self.send_response(200)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue
+                raise
+            if len(self._conns) >= self.max_conns:
+                oldest = next(c for c in self._conns.values() if c.out is None)
+                log.debug("stats: %s: closed to make room for a new connection", oldest.peer)
+                self._drop(oldest)
+            sock.setblocking(False)
+            conn = _StatsConn(sock, format_addr(peer), time.monotonic() + self.timeout)
+            self._conns[sock.fileno()] = conn
+            self._sel.register(sock, selectors.EVENT_READ, conn)
+            self._io(conn, selectors.EVENT_READ)  # a request sent with the connect is often there
 
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("stats: " + format, *args)
+    def _drop(self, conn: _StatsConn) -> None:
+        self._conns.pop(conn.sock.fileno(), None)
+        try:
+            self._sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
 
-        class StatsServer(http.server.ThreadingHTTPServer):
-            address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-            daemon_threads = True
+    def _io(self, conn: _StatsConn, mask: int) -> None:
+        try:
+            if mask & selectors.EVENT_READ:
+                self._read(conn)
+            if conn.out is not None and conn.sock.fileno() != -1:
+                self._write(conn)
+        except OSError as exc:
+            log.debug("stats: %s: %s; closed", conn.peer, exc.strerror or exc)
+            self._drop(conn)
 
-        httpd = StatsServer(address, Handler)
-        threading.Thread(
-            target=httpd.serve_forever, args=(0.1,), name="splicepool-stats", daemon=True
-        ).start()
-        log.info("stats on http://%s/stats and /metrics", format_addr(httpd.server_address))
-        return httpd
+    def _read(self, conn: _StatsConn) -> None:
+        if conn.out is not None:  # answered: what the client still sends is read and forgotten
+            for _ in range(4):  # a bounded amount per wakeup: a flood cannot hold the thread
+                try:
+                    data = conn.sock.recv(1 << 16)
+                except BlockingIOError:
+                    return
+                if not data:
+                    if conn.done_reading:
+                        self._drop(conn)
+                    return
+            return
+        while True:
+            try:
+                data = conn.sock.recv(self.head_limit + 1 - len(conn.head))
+            except BlockingIOError:
+                return
+            if not data:
+                self._drop(conn)  # gone before its request was whole
+                return
+            conn.head += data
+            end = conn.head.find(b"\r\n\r\n")
+            if end < 0:
+                end = conn.head.find(b"\n\n")
+            if end >= 0:
+                self._respond(conn, bytes(conn.head[:end]))
+            elif len(conn.head) > self.head_limit:
+                nl = conn.head.find(b"\n")
+                line = bytes(conn.head[: nl if 0 <= nl < 200 else 200]).rstrip(b"\r")
+                self._reply(conn, 431, b"request head over %d bytes\n" % self.head_limit, line)
+            else:
+                continue
+            conn.head = bytearray()
+            return
+
+    def _respond(self, conn: _StatsConn, head: bytes) -> None:
+        line = head.split(b"\n", 1)[0].rstrip(b"\r")
+        parts = line.split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+            self._reply(conn, 400, b"bad request line\n", line)
+            return
+        method, target = parts[0], parts[1].split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            self._reply(conn, 405, b"GET /stats or /metrics\n", line)
+            return
+        assert self._proxy is not None
+        if target == b"/stats":
+            body = self._dumps(self._proxy.stats(), indent=2).encode()
+            ctype = "application/json"
+        elif target == b"/metrics":
+            body = self._proxy.metrics().encode()
+            ctype = "text/plain; version=0.0.4; charset=utf-8"
+        else:
+            self._reply(conn, 404, b"try /stats or /metrics\n", line)
+            return
+        self._reply(conn, 200, body, line, ctype, head_only=method == b"HEAD")
+
+    def _reply(
+        self,
+        conn: _StatsConn,
+        code: int,
+        body: bytes,
+        line: bytes,
+        ctype: str = "text/plain; charset=utf-8",
+        head_only: bool = False,
+    ) -> None:
+        log.debug('stats: %s "%s" %d', conn.peer, printable(line), code)
+        head = (
+            f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        conn.out = memoryview(head if head_only else head + body)
+        self._sel.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+
+    def _write(self, conn: _StatsConn) -> None:
+        out = conn.out
+        assert out is not None
+        while out:
+            try:
+                n = conn.sock.send(out)
+            except BlockingIOError:
+                conn.out = out
+                return
+            out = out[n:]
+        conn.out = out
+        if not conn.done_reading:
+            # All sent: half-close, and read what the client still sends until its EOF (or
+            # the deadline), so that closing with unread bytes does not reset the response.
+            conn.done_reading = True
+            conn.sock.shutdown(socket.SHUT_WR)
+            self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
 
 
 def _listen(address: tuple[str, int], reuse_port: bool, backlog: int) -> socket.socket:

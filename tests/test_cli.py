@@ -165,7 +165,13 @@ class ProxyProc:
     """One ``python -m splicepool proxy`` subprocess; stderr (and stdout) go to a log file."""
 
     def __init__(
-        self, args: list[str], log_path: Path, port: int, stats_port: int | None, nofile: int | None = None
+        self,
+        args: list[str],
+        log_path: Path,
+        port: int,
+        stats_port: int | None,
+        nofile: int | None = None,
+        wrap: list[str] | None = None,
     ) -> None:
         self.args = args
         self.port = port
@@ -173,7 +179,7 @@ class ProxyProc:
         self.log_path = log_path
         self._log_file = open(log_path, "ab")  # closed in kill()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "splicepool", "proxy", *args],
+            [*(wrap or []), sys.executable, "-m", "splicepool", "proxy", *args],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
@@ -281,6 +287,8 @@ def start_proxy(tmp_path):
     """``start(connect, *options, listen_host=, processes=, stats=, nofile=)`` → a ready ProxyProc.
 
     ``nofile`` sets the proxy's open-file limit, soft and hard (so it cannot raise it).
+    ``stats_host`` is written before the stats port (``"127.0.0.1:"``, ``":"``; default: none).
+    ``wrap`` is a command prefix the proxy runs under (``unshare ... exec "$@"``).
 
     Ready means every process logged "listening on": the listener is bound and listening
     before that line is written. A probe connect is avoided on purpose: it would be
@@ -296,6 +304,8 @@ def start_proxy(tmp_path):
         processes: int = 1,
         stats: bool = False,
         nofile: int | None = None,
+        stats_host: str = "",
+        wrap: list[str] | None = None,
     ) -> ProxyProc:
         for attempt in range(5):
             port = free_port(listen_host)
@@ -304,8 +314,8 @@ def start_proxy(tmp_path):
             if processes > 1:
                 args += ["--processes", str(processes)]
             if stats_port is not None:
-                args += ["--stats-listen", str(stats_port)]
-            proxy = ProxyProc(args, tmp_path / f"proxy-{len(started)}.log", port, stats_port, nofile)
+                args += ["--stats-listen", f"{stats_host}{stats_port}"]
+            proxy = ProxyProc(args, tmp_path / f"proxy-{len(started)}.log", port, stats_port, nofile, wrap)
             started.append(proxy)
             deadline = time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline:
