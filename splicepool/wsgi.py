@@ -43,6 +43,7 @@ __all__ = [
     "find_socket",
     "parse_allow",
     "parse_authority",
+    "request_target",
     "run_tunnel",
     "take_over",
 ]
@@ -226,7 +227,7 @@ def connect_tunnel(
     if environ.get("REQUEST_METHOD") != "CONNECT":
         return _refuse(start_response, "405 Method Not Allowed", "only CONNECT is handled here",
                        [("Allow", "CONNECT")])
-    target = environ.get("RAW_URI") or environ.get("REQUEST_URI") or environ.get("PATH_INFO", "")
+    target = request_target(environ)
     try:
         host, port = parse_authority(target)
     except ValueError as exc:
@@ -258,6 +259,25 @@ def connect_tunnel(
         upstream.close()
         return _finished(environ)
     return run_tunnel(environ, client, upstream, early, pool=pool, idle=idle, nodelay=nodelay)
+
+
+def request_target(environ: dict[str, Any]) -> str:
+    """The request-target as the client sent it: ``host:port`` for ``CONNECT``,
+    ``http://host/path`` for a request meant for a forward proxy (absolute-form),
+    ``/path?query`` for one meant for this server (origin-form), ``*``.
+
+    ``environ["RAW_URI"]`` (gunicorn) or ``REQUEST_URI`` when the server gives
+    one; else rebuilt from ``PATH_INFO`` and ``QUERY_STRING`` (gevent.pywsgi,
+    where PATH_INFO is the whole target, percent-escapes decoded). An
+    application that is no forward proxy answers a target that does not start
+    with ``/`` with a refusal, not with its own pages.
+    """
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw:
+        return str(raw)
+    target = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    query = environ.get("QUERY_STRING")
+    return f"{target}?{query}" if query else target
 
 
 def parse_authority(target: str) -> tuple[str, int]:
