@@ -22,6 +22,12 @@ list comes from ``SPLICEPOOL_ALLOW`` (comma-separated ``HOST:PORT``):
 
     gunicorn -k gevent -b 127.0.0.1:8080 --chdir examples gevent_connect_proxy:app
 
+A client that resets right after the ``200`` and before the relay starts makes
+``splicepool.proxy()`` raise ``OSError(ENOTCONN)`` (its checks ask both sockets
+for their peer); ``run_tunnel`` closes both sockets and sets
+``environ["splicepool.gone"]``, and this app logs one line for it
+(``client 127.0.0.1:5555 went away before the relay started (ENOTCONN)``).
+
 SIGINT/SIGTERM: stop accepting, give live tunnels ``--grace`` seconds, abort
 the rest, close the pool, exit 0.
 """
@@ -43,7 +49,7 @@ import gevent.pool  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
 import splicepool  # noqa: E402
-from splicepool.wsgi import PROXY_KEY, connect_tunnel, parse_allow, request_target  # noqa: E402
+from splicepool.wsgi import GONE_KEY, PROXY_KEY, connect_tunnel, parse_allow, request_target  # noqa: E402
 
 log = logging.getLogger("connect_proxy")
 if logging.getLogger("gunicorn.error").handlers:  # under gunicorn: log through its error log
@@ -83,6 +89,10 @@ def app(environ, start_response):
                     relay.forward.transferred, relay.reverse.transferred,
                     time.monotonic() - started, relay.reason.name,
                 )
+            if environ.get(GONE_KEY):  # a reset before the relay started: both sockets closed
+                side, why = environ[GONE_KEY]
+                where = f"{environ.get('REMOTE_ADDR')}:{environ.get('REMOTE_PORT')}" if side == "client" else target
+                log.warning("%s %s went away before the relay started (%s)", side, where, why)
     ours = target.startswith("/")  # origin-form; absolute-form (http://...) is a forward-proxy request
     if ours and method in ("GET", "HEAD"):
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(PAGE)))])

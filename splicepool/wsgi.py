@@ -24,6 +24,7 @@ recognised by its type, and only then is ``gevent.socket`` imported.
 
 from __future__ import annotations
 
+import errno
 import io
 import ipaddress
 import socket
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ESTABLISHED",
+    "GONE_KEY",
     "PROXY_KEY",
     "SOCKET_KEY",
     "connect_tunnel",
@@ -53,6 +55,9 @@ __all__ = [
 SOCKET_KEY = "splicepool.socket"
 #: ``run_tunnel`` stores the running ``Proxy`` here, so the application can log its counts.
 PROXY_KEY = "splicepool.proxy"
+#: Set to ``(side, errno name)``, e.g. ``("client", "ENOTCONN")``, when a taken-over
+#: request ends without a relay because ``side`` ("client" or "upstream") was already gone.
+GONE_KEY = "splicepool.gone"
 #: What ``connect_tunnel`` answers once the upstream is connected.
 ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 
@@ -152,6 +157,12 @@ def run_tunnel(
     the exception propagates. Both sockets end up closed on every path (by the
     pool, once it has them).
 
+    A side that reset before the relay could start (``proxy()`` raises
+    ``OSError(ENOTCONN)``: a reset socket has no peer) is not an error of the
+    server's: both sockets are closed, ``environ["splicepool.gone"]`` is set to
+    ``("client", "ENOTCONN")`` (or ``"upstream"``), and the request ends as
+    after a relay, so the application can log one line.
+
     Return its result from the application without calling ``start_response``.
     Under gunicorn's own HTTP parser (``-k gevent``, ``sync``, ``gthread``) it
     raises ``StopIteration`` instead, once the relay has ended: gunicorn's
@@ -170,10 +181,14 @@ def run_tunnel(
                     pass  # not TCP (AF_UNIX), or already reset: the relay finds out
         in_proxy = True
         relay = (pool or default_pool()).proxy(client, upstream, idle=idle)
-    except Exception:
+    except Exception as exc:
+        gone = _gone(exc, client, upstream)
         client.close()  # proxy() refused and changed nothing: the sockets are still ours
         upstream.close()
-        raise
+        if gone is None:
+            raise
+        environ[GONE_KEY] = (gone, "ENOTCONN")
+        return _finished(environ)
     except BaseException:
         if in_proxy:
             # Killed (GreenletExit) while proxy() waited for its workers, its only yield
@@ -254,9 +269,10 @@ def connect_tunnel(
         raise
     try:
         client.sendall(ESTABLISHED)
-    except OSError:  # the client left: nothing to relay
+    except OSError as exc:  # the client left: nothing to relay
         client.close()
         upstream.close()
+        environ[GONE_KEY] = ("client", errno.errorcode.get(exc.errno or 0, str(exc.errno)))
         return _finished(environ)
     return run_tunnel(environ, client, upstream, early, pool=pool, idle=idle, nodelay=nodelay)
 
@@ -369,6 +385,18 @@ def _finished(environ: dict[str, Any]) -> list[bytes]:
     if _unreader(environ) is not None:
         raise StopIteration("splicepool.wsgi: connection taken over")
     return []
+
+
+def _gone(exc: BaseException, client: Any, upstream: Any) -> str | None:
+    """The side without a peer when ``exc`` is ENOTCONN ("client" first); None otherwise."""
+    if not isinstance(exc, OSError) or exc.errno != errno.ENOTCONN:
+        return None
+    for side, sock in (("client", client), ("upstream", upstream)):
+        try:
+            sock.getpeername()
+        except OSError:
+            return side
+    return None
 
 
 def _connector(sock: Any) -> Callable[..., Any]:

@@ -11,15 +11,18 @@ import http.client
 import http.server
 import os
 import re
+import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
+from conftest import tcp_pair
 from examples_support import (
     Example,
     Transfer,
@@ -109,6 +112,30 @@ def test_no_socket_is_a_clear_lookup_error():
 def test_importing_the_helper_does_not_import_gevent():
     code = "import sys, splicepool.wsgi; assert 'gevent' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_run_tunnel_with_a_client_that_already_reset_ends_quietly(pool):
+    """proxy() raises ENOTCONN for a reset client: run_tunnel closes both and says who went away.
+
+    The WSGI server gets the ordinary end of a taken-over request, not an
+    exception (a traceback, and a 500 written into a connection that is gone).
+    """
+    client_peer, client = tcp_pair()
+    upstream, upstream_peer = tcp_pair()
+    client_peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client_peer.close()  # RST
+    assert select.select([client], [], [], 5)[0] == [client]  # the reset has arrived
+    environ: dict = {}
+    try:
+        assert wsgi.run_tunnel(environ, client, upstream, b"early", pool=pool) == []
+        assert environ[wsgi.GONE_KEY] == ("client", "ENOTCONN")
+        assert wsgi.PROXY_KEY not in environ
+        assert client.fileno() == -1 and upstream.fileno() == -1
+        assert recv_until_eof(upstream_peer, 5) == b"early"  # sent on, then the upstream was closed
+        assert pool.stats()["live"] == 0
+    finally:
+        for sock in (client, upstream, upstream_peer):
+            sock.close()
 
 
 # -- through the pywsgi example ----------------------------------------------------------
