@@ -20,12 +20,20 @@ payload, and never closes them. Each socket has exactly one owner at a time:
 this handler until ``splicepool.proxy()`` returns, the pool afterwards (it
 detaches the socket objects and closes the fds when both directions end).
 No dup, no double close, two fds per connection.
+
+A client that resets its connection (RST) before the relay starts makes
+``splicepool.proxy()`` raise ``OSError(ENOTCONN)``: its checks ask both sockets
+for their peer, and a reset socket has none. A failed ``proxy()`` changed
+nothing, so the handler still owns both sockets: it closes them and logs one
+line (``client 127.0.0.1:5555 went away before the relay started (ENOTCONN)``),
+not a connect failure: the upstream did nothing wrong.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import ipaddress
 import logging
 import signal
@@ -42,6 +50,21 @@ def parse_hostport(text: str, option: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"{option} {text!r}: expected HOST:PORT ([V6]:PORT)")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def went_away(exc: BaseException, client: socket.socket, upstream: socket.socket) -> str | None:
+    """``"client"`` or ``"upstream"``: the side without a peer when ``proxy()`` raised ENOTCONN.
+
+    None for any other error, which is not a peer going away.
+    """
+    if not isinstance(exc, OSError) or exc.errno != errno.ENOTCONN:
+        return None
+    for side, sock in (("client", client), ("upstream", upstream)):
+        try:
+            sock.getpeername()
+        except OSError:
+            return side
+    return None
 
 
 class TcpProxy:
@@ -89,9 +112,6 @@ class TcpProxy:
             upstream = socket.socket(family, socket.SOCK_STREAM)
             upstream.setblocking(False)
             await asyncio.wait_for(loop.sock_connect(upstream, address), self.connect_timeout)
-            for sock in (client, upstream):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            relay = splicepool.proxy(client, upstream, pool=self.pool, idle=self.idle)
         except BaseException as exc:  # never connected (or cancelled): the sockets are still ours
             client.close()
             if upstream is not None:
@@ -100,6 +120,19 @@ class TcpProxy:
                 log.warning("conn %d %s:%d: cannot connect to %s:%d: %s", n, *addr[:2], *self.connect, exc)
                 return
             raise
+        try:
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            relay = splicepool.proxy(client, upstream, pool=self.pool, idle=self.idle)
+        except BaseException as exc:  # proxy() refused and changed nothing: the sockets are still ours
+            gone = went_away(exc, client, upstream)
+            client.close()
+            upstream.close()
+            if gone is None:
+                raise
+            host, port = addr[:2] if gone == "client" else self.connect
+            log.warning("conn %d: %s %s:%d went away before the relay started (ENOTCONN)", n, gone, host, port)
+            return
         try:
             reason = await relay
         except asyncio.CancelledError:  # shutting down after the grace period

@@ -7,12 +7,26 @@
 (502 if it cannot be), the client's socket is taken from pywsgi, and the pool's
 worker threads move every byte while the request greenlet waits without
 blocking the hub. Only loopback targets are allowed unless ``--allow`` names
-others (403). ``GET``/``HEAD`` get a short text page, other methods 405.
+others (403). ``GET``/``HEAD`` of a path on this server get a short text page.
+Everything else is refused with 405 and ``Allow: CONNECT`` (``CONNECT, GET,
+HEAD`` for a path here), logged in one line with method, target, client and
+status: other methods, and requests meant for a forward proxy, such as the
+``GET http://host/`` (absolute-form) that a client configured with an HTTP
+proxy sends for an http:// URL without ``-p``/tunnelling. This proxy only
+opens tunnels; it never fetches on a client's behalf nor answers such a
+request with its own page. Refused ``CONNECT`` requests (400/403/502) are
+logged the same way.
 
 The same module is a WSGI app for gunicorn's gevent worker; there the allow
 list comes from ``SPLICEPOOL_ALLOW`` (comma-separated ``HOST:PORT``):
 
     gunicorn -k gevent -b 127.0.0.1:8080 --chdir examples gevent_connect_proxy:app
+
+A client that resets right after the ``200`` and before the relay starts makes
+``splicepool.proxy()`` raise ``OSError(ENOTCONN)`` (its checks ask both sockets
+for their peer); ``run_tunnel`` closes both sockets and sets
+``environ["splicepool.gone"]``, and this app logs one line for it
+(``client 127.0.0.1:5555 went away before the relay started (ENOTCONN)``).
 
 SIGINT/SIGTERM: stop accepting, give live tunnels ``--grace`` seconds, abort
 the rest, close the pool, exit 0.
@@ -35,7 +49,7 @@ import gevent.pool  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
 import splicepool  # noqa: E402
-from splicepool.wsgi import PROXY_KEY, connect_tunnel, parse_allow  # noqa: E402
+from splicepool.wsgi import GONE_KEY, PROXY_KEY, connect_tunnel, parse_allow, request_target  # noqa: E402
 
 log = logging.getLogger("connect_proxy")
 if logging.getLogger("gunicorn.error").handlers:  # under gunicorn: log through its error log
@@ -52,31 +66,43 @@ PAGE = b"splicepool CONNECT proxy: send CONNECT host:port to open a tunnel.\n"
 
 
 def app(environ, start_response):
-    """CONNECT → a spliced tunnel; GET/HEAD → a text page; anything else → 405."""
+    """CONNECT → a spliced tunnel; GET/HEAD of a path here → a text page; anything else → 405."""
     method = environ["REQUEST_METHOD"]
+    target = request_target(environ)
+
+    def deny_logged(status, headers, exc_info=None):
+        """connect_tunnel calls start_response only to refuse: log each refusal."""
+        log.warning("denied %s %s from %s:%s: %s", method, repr(target)[1:-1],  # escapes: one line
+                    environ.get("REMOTE_ADDR"), environ.get("REMOTE_PORT"), status)
+        return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
+
     if method == "CONNECT":
         started = time.monotonic()
         try:
-            return connect_tunnel(environ, start_response, allow=ALLOW, pool=POOL, idle=IDLE)
+            return connect_tunnel(environ, deny_logged, allow=ALLOW, pool=POOL, idle=IDLE)
         finally:
             relay = environ.get(PROXY_KEY)
             if relay is not None and relay.done():
                 log.info(
                     "tunnel %s:%s -> %s up=%d down=%d duration=%.3fs reason=%s",
-                    environ.get("REMOTE_ADDR"), environ.get("REMOTE_PORT"),
-                    environ.get("RAW_URI") or environ.get("PATH_INFO"),
+                    environ.get("REMOTE_ADDR"), environ.get("REMOTE_PORT"), target,
                     relay.forward.transferred, relay.reverse.transferred,
                     time.monotonic() - started, relay.reason.name,
                 )
-    if method in ("GET", "HEAD"):
+            if environ.get(GONE_KEY):  # a reset before the relay started: both sockets closed
+                side, why = environ[GONE_KEY]
+                where = f"{environ.get('REMOTE_ADDR')}:{environ.get('REMOTE_PORT')}" if side == "client" else target
+                log.warning("%s %s went away before the relay started (%s)", side, where, why)
+    ours = target.startswith("/")  # origin-form; absolute-form (http://...) is a forward-proxy request
+    if ours and method in ("GET", "HEAD"):
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(PAGE)))])
         return [PAGE] if method == "GET" else []
     body = b"method not allowed: use CONNECT\n"
-    start_response("405 Method Not Allowed", [
+    deny_logged("405 Method Not Allowed", [
         ("Content-Type", "text/plain"), ("Content-Length", str(len(body))),
-        ("Allow", "CONNECT, GET, HEAD"),
+        ("Allow", "CONNECT, GET, HEAD" if ours else "CONNECT"),
     ])
-    return [body]
+    return [body] if method != "HEAD" else []
 
 
 def parse_listen(text):

@@ -12,6 +12,12 @@ waits without blocking the hub. If the upstream answers something other than
 plain HTTP straight to the upstream. 502 if the upstream cannot be reached or
 sends no valid response head within ``--timeout`` seconds. Requests without
 ``Upgrade`` get a short text page (GET/HEAD) or 405.
+
+A client that resets between the ``101`` and the start of the relay makes
+``splicepool.proxy()`` raise ``OSError(ENOTCONN)`` (its checks ask both sockets
+for their peer); ``run_tunnel`` closes both sockets and sets
+``environ["splicepool.gone"]``, and this app logs one line for it instead of a
+traceback.
 """
 
 from gevent import monkey
@@ -32,7 +38,7 @@ import gevent.pool  # noqa: E402
 from gevent.pywsgi import WSGIServer  # noqa: E402
 
 import splicepool  # noqa: E402
-from splicepool.wsgi import PROXY_KEY, run_tunnel, take_over  # noqa: E402
+from splicepool.wsgi import GONE_KEY, PROXY_KEY, run_tunnel, take_over  # noqa: E402
 
 log = logging.getLogger("upgrade_proxy")
 
@@ -130,6 +136,11 @@ def app(environ, start_response):
                      environ.get("REMOTE_ADDR"), environ.get("PATH_INFO"), f"{UPSTREAM[0]}:{UPSTREAM[1]}",
                      answer.split(b" ", 2)[1].decode("latin-1"), relay.forward.transferred,
                      relay.reverse.transferred, time.monotonic() - started, relay.reason.name)
+        if environ.get(GONE_KEY):  # a reset before the relay started: both sockets closed
+            side, why = environ[GONE_KEY]
+            where = (f"{environ.get('REMOTE_ADDR')}:{environ.get('REMOTE_PORT')}" if side == "client"
+                     else f"{UPSTREAM[0]}:{UPSTREAM[1]}")
+            log.warning("%s %s went away before the relay started (%s)", side, where, why)
 
 
 def parse_hostport(text, option):

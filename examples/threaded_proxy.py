@@ -7,6 +7,13 @@ The handler thread only connects upstream and hands both sockets to
 pool's worker threads move the bytes. SIGINT/SIGTERM: stop accepting, give
 live relays ``--grace`` seconds, abort the rest, close the pool, exit 0.
 
+A client that resets its connection (RST) before the relay starts makes
+``splicepool.proxy()`` raise ``OSError(ENOTCONN)``: its checks ask both sockets
+for their peer, and a reset socket has none. A failed ``proxy()`` changed
+nothing, so the handler still owns both sockets: it closes the upstream it
+connected, logs one line (``client 127.0.0.1:5555 went away before the relay
+started (ENOTCONN)``) and returns; socketserver closes the client.
+
 socketserver shuts down and closes ``self.request`` once ``handle()`` returns.
 That is harmless here: ``splicepool.proxy()`` detached the socket object (the
 pool owns the fd now), so the server's ``shutdown()`` fails with EBADF (which
@@ -16,6 +23,7 @@ socketserver ignores) and its ``close()`` is a no-op.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
 import socket
@@ -35,6 +43,21 @@ def parse_hostport(text: str, option: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def went_away(exc: BaseException, client: socket.socket, upstream: socket.socket) -> str | None:
+    """``"client"`` or ``"upstream"``: the side without a peer when ``proxy()`` raised ENOTCONN.
+
+    None for any other error, which is not a peer going away.
+    """
+    if not isinstance(exc, OSError) or exc.errno != errno.ENOTCONN:
+        return None
+    for side, sock in (("client", client), ("upstream", upstream)):
+        try:
+            sock.getpeername()
+        except OSError:
+            return side
+    return None
+
+
 class Handler(socketserver.BaseRequestHandler):
     server: Server
 
@@ -46,13 +69,18 @@ class Handler(socketserver.BaseRequestHandler):
         except OSError as exc:
             log.warning("%s:%d: cannot connect to %s:%d: %s", *self.client_address[:2], *srv.upstream, exc)
             return  # socketserver closes the client
-        for sock in (self.request, upstream):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            for sock in (self.request, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             relay = splicepool.proxy(self.request, upstream, pool=srv.pool, idle=srv.idle)
-        except BaseException:
+        except BaseException as exc:
+            gone = went_away(exc, self.request, upstream)
             upstream.close()  # proxy() failed and changed nothing; socketserver closes the client
-            raise
+            if gone is None:
+                raise
+            host, port = self.client_address[:2] if gone == "client" else srv.upstream
+            log.warning("%s %s:%d went away before the relay started (ENOTCONN)", gone, host, port)
+            return
         srv.started(relay, self.client_address, started)
         # Return now: the pool owns both sockets (self.request is detached).
 

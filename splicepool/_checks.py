@@ -37,11 +37,27 @@ def fileno_of(obj: Any, role: str) -> int:
     """The fd behind ``obj`` (an int or anything with ``fileno()``); TypeError otherwise.
 
     Negative ints are returned as they are (they mean "unsplice" for a drain).
+
+    An asyncio ``TransportSocket`` (``transport.get_extra_info("socket")``) is
+    refused by its type alone, before anything is asked of it: its transport
+    owns the fd and reads from it, so the pool and the transport would both
+    own it (the transport's buffered bytes lost, EBADF once one of them closes it).
     """
     if isinstance(obj, bool):
         raise TypeError(f"{role} must be a socket or an int file descriptor, not bool")
     if isinstance(obj, int):
         return int(obj)
+    cls = type(obj)
+    if cls.__name__ == "TransportSocket" and cls.__module__ == "asyncio.trsock":
+        raise TypeError(
+            f"{role} is an asyncio TransportSocket (transport.get_extra_info('socket')): "
+            "its transport owns the fd and has already read from it, so the pool cannot "
+            "take it. Accept with loop.sock_accept() on a plain non-blocking listening "
+            "socket and hand that socket over (see examples/asyncio_proxy.py), or take "
+            "the connection away from the transport first: pause_reading(), keep the "
+            "StreamReader's buffered bytes, socket.socket(fileno=os.dup(fd)), then "
+            "transport.abort()"
+        )
     fileno = getattr(obj, "fileno", None)
     if fileno is None or not callable(fileno):
         raise TypeError(

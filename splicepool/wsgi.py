@@ -24,6 +24,7 @@ recognised by its type, and only then is ``gevent.socket`` imported.
 
 from __future__ import annotations
 
+import errno
 import io
 import ipaddress
 import socket
@@ -37,12 +38,14 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ESTABLISHED",
+    "GONE_KEY",
     "PROXY_KEY",
     "SOCKET_KEY",
     "connect_tunnel",
     "find_socket",
     "parse_allow",
     "parse_authority",
+    "request_target",
     "run_tunnel",
     "take_over",
 ]
@@ -52,6 +55,9 @@ __all__ = [
 SOCKET_KEY = "splicepool.socket"
 #: ``run_tunnel`` stores the running ``Proxy`` here, so the application can log its counts.
 PROXY_KEY = "splicepool.proxy"
+#: Set to ``(side, errno name)``, e.g. ``("client", "ENOTCONN")``, when a taken-over
+#: request ends without a relay because ``side`` ("client" or "upstream") was already gone.
+GONE_KEY = "splicepool.gone"
 #: What ``connect_tunnel`` answers once the upstream is connected.
 ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 
@@ -151,6 +157,12 @@ def run_tunnel(
     the exception propagates. Both sockets end up closed on every path (by the
     pool, once it has them).
 
+    A side that reset before the relay could start (``proxy()`` raises
+    ``OSError(ENOTCONN)``: a reset socket has no peer) is not an error of the
+    server's: both sockets are closed, ``environ["splicepool.gone"]`` is set to
+    ``("client", "ENOTCONN")`` (or ``"upstream"``), and the request ends as
+    after a relay, so the application can log one line.
+
     Return its result from the application without calling ``start_response``.
     Under gunicorn's own HTTP parser (``-k gevent``, ``sync``, ``gthread``) it
     raises ``StopIteration`` instead, once the relay has ended: gunicorn's
@@ -169,10 +181,14 @@ def run_tunnel(
                     pass  # not TCP (AF_UNIX), or already reset: the relay finds out
         in_proxy = True
         relay = (pool or default_pool()).proxy(client, upstream, idle=idle)
-    except Exception:
+    except Exception as exc:
+        gone = _gone(exc, client, upstream)
         client.close()  # proxy() refused and changed nothing: the sockets are still ours
         upstream.close()
-        raise
+        if gone is None:
+            raise
+        environ[GONE_KEY] = (gone, "ENOTCONN")
+        return _finished(environ)
     except BaseException:
         if in_proxy:
             # Killed (GreenletExit) while proxy() waited for its workers, its only yield
@@ -226,7 +242,7 @@ def connect_tunnel(
     if environ.get("REQUEST_METHOD") != "CONNECT":
         return _refuse(start_response, "405 Method Not Allowed", "only CONNECT is handled here",
                        [("Allow", "CONNECT")])
-    target = environ.get("RAW_URI") or environ.get("REQUEST_URI") or environ.get("PATH_INFO", "")
+    target = request_target(environ)
     try:
         host, port = parse_authority(target)
     except ValueError as exc:
@@ -253,11 +269,31 @@ def connect_tunnel(
         raise
     try:
         client.sendall(ESTABLISHED)
-    except OSError:  # the client left: nothing to relay
+    except OSError as exc:  # the client left: nothing to relay
         client.close()
         upstream.close()
+        environ[GONE_KEY] = ("client", errno.errorcode.get(exc.errno or 0, str(exc.errno)))
         return _finished(environ)
     return run_tunnel(environ, client, upstream, early, pool=pool, idle=idle, nodelay=nodelay)
+
+
+def request_target(environ: dict[str, Any]) -> str:
+    """The request-target as the client sent it: ``host:port`` for ``CONNECT``,
+    ``http://host/path`` for a request meant for a forward proxy (absolute-form),
+    ``/path?query`` for one meant for this server (origin-form), ``*``.
+
+    ``environ["RAW_URI"]`` (gunicorn) or ``REQUEST_URI`` when the server gives
+    one; else rebuilt from ``PATH_INFO`` and ``QUERY_STRING`` (gevent.pywsgi,
+    where PATH_INFO is the whole target, percent-escapes decoded). An
+    application that is no forward proxy answers a target that does not start
+    with ``/`` with a refusal, not with its own pages.
+    """
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw:
+        return str(raw)
+    target = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    query = environ.get("QUERY_STRING")
+    return f"{target}?{query}" if query else target
 
 
 def parse_authority(target: str) -> tuple[str, int]:
@@ -349,6 +385,18 @@ def _finished(environ: dict[str, Any]) -> list[bytes]:
     if _unreader(environ) is not None:
         raise StopIteration("splicepool.wsgi: connection taken over")
     return []
+
+
+def _gone(exc: BaseException, client: Any, upstream: Any) -> str | None:
+    """The side without a peer when ``exc`` is ENOTCONN ("client" first); None otherwise."""
+    if not isinstance(exc, OSError) or exc.errno != errno.ENOTCONN:
+        return None
+    for side, sock in (("client", client), ("upstream", upstream)):
+        try:
+            sock.getpeername()
+        except OSError:
+            return side
+    return None
 
 
 def _connector(sock: Any) -> Callable[..., Any]:

@@ -6,7 +6,9 @@ half-closes in both orders (see ``examples_support`` for the protocol).
 
 from __future__ import annotations
 
+import re
 import socket
+import struct
 import threading
 import time
 
@@ -176,3 +178,70 @@ def test_threaded_tunnels_survive_their_handler_returning(upstream):
         assert ex.stop() == 0
     finally:
         ex.kill()
+
+
+_GONE = re.compile(
+    r" WARNING (?:conn \d+: )?client 127\.0\.0\.1:(\d+) went away before the relay started \(ENOTCONN\)\n")
+_RELAY = re.compile(r" INFO (?:conn \d+ )?127\.0\.0\.1:(\d+) -> 127\.0\.0\.1:\d+ up=\d+ down=\d+ .*reason=\w+\n")
+
+
+def _reset_at_once(ex: Example) -> int:
+    """Connect and close with SO_LINGER (1, 0): the example's socket is reset; return our port."""
+    sock = ex.connect()
+    port = sock.getsockname()[1]
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    return port
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_clients_that_reset_at_once_cost_one_line_each_and_no_traceback(name, upstream, upgrade_upstream):
+    """proxy() raises ENOTCONN for a client that already reset: one log line, both sockets closed.
+
+    The pywsgi examples never get a request from such a client (pywsgi drops it
+    quietly); the TCP proxies accept it and must not blame the upstream either.
+    """
+    up = upgrade_upstream if EXAMPLES[name][3] else upstream
+    opener = EXAMPLES[name][2]
+    plain = name in ("threaded", "asyncio")
+    ex = start(name, up)
+
+    def one_relay() -> None:
+        sock, rest = opener(ex, up)
+        with sock:
+            Transfer(up, 1000, 2000).run(sock, received=rest, timeout=10)
+
+    def sockets_and_files() -> int:
+        return ex.fd_kinds()[1]
+
+    try:
+        for _ in range(4):  # both workers started, their pipes cached
+            one_relay()
+        baseline = settled(sockets_and_files)
+        ports = {_reset_at_once(ex) for _ in range(50)}
+
+        def accounted() -> dict[int, int]:
+            seen: dict[int, int] = {}
+            for pattern in (_GONE, _RELAY):
+                for port in pattern.findall(ex.output):
+                    if int(port) in ports:
+                        seen[int(port)] = seen.get(int(port), 0) + 1
+            return seen
+
+        if plain:
+            # each reset client gets exactly one line: "went away" (a reset that lost the race
+            # against the start of the relay ends that relay instead, with its usual line)
+            assert wait_until(lambda: len(accounted()) == len(ports), 10), (
+                sorted(ports - set(accounted())), [ln for ln in ex.lines if "went away" not in ln][-40:])
+            assert set(accounted().values()) == {1}, accounted()
+            assert _GONE.search(ex.output), ex.output[-3000:]
+        one_relay()  # the example still serves, byte for byte
+        assert wait_until(lambda: sockets_and_files() == baseline, 5), (ex.fd_kinds(), baseline)
+        assert ex.stop() == 0, ex.output
+    finally:
+        ex.kill()
+    out = ex.output
+    assert "Traceback" not in out and "cannot connect" not in out, out
+    if not plain:
+        assert not _GONE.search(out), out
+    assert out.count("reason=EOF") == 5, out

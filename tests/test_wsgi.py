@@ -10,15 +10,19 @@ import hashlib
 import http.client
 import http.server
 import os
+import re
+import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
+from conftest import tcp_pair
 from examples_support import (
     Example,
     Transfer,
@@ -108,6 +112,30 @@ def test_no_socket_is_a_clear_lookup_error():
 def test_importing_the_helper_does_not_import_gevent():
     code = "import sys, splicepool.wsgi; assert 'gevent' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_run_tunnel_with_a_client_that_already_reset_ends_quietly(pool):
+    """proxy() raises ENOTCONN for a reset client: run_tunnel closes both and says who went away.
+
+    The WSGI server gets the ordinary end of a taken-over request, not an
+    exception (a traceback, and a 500 written into a connection that is gone).
+    """
+    client_peer, client = tcp_pair()
+    upstream, upstream_peer = tcp_pair()
+    client_peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client_peer.close()  # RST
+    assert select.select([client], [], [], 5)[0] == [client]  # the reset has arrived
+    environ: dict = {}
+    try:
+        assert wsgi.run_tunnel(environ, client, upstream, b"early", pool=pool) == []
+        assert environ[wsgi.GONE_KEY] == ("client", "ENOTCONN")
+        assert wsgi.PROXY_KEY not in environ
+        assert client.fileno() == -1 and upstream.fileno() == -1
+        assert recv_until_eof(upstream_peer, 5) == b"early"  # sent on, then the upstream was closed
+        assert pool.stats()["live"] == 0
+    finally:
+        for sock in (client, upstream, upstream_peer):
+            sock.close()
 
 
 # -- through the pywsgi example ----------------------------------------------------------
@@ -212,6 +240,64 @@ def test_bad_target_is_400_and_other_methods_get_a_page_or_405(proxy):
         resp.read()
     finally:
         conn.close()
+
+
+DENIED_BODY = b"method not allowed: use CONNECT\n"
+
+
+def _denied_line(method: str, target: str, port: int | str) -> str:
+    return f" WARNING denied {method} {target} from 127.0.0.1:{port}: 405 Method Not Allowed\n"
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST"])
+def test_a_proxied_request_in_absolute_form_is_405_and_logged(proxy, http_upstream, method):
+    """``GET http://host/`` is what an HTTP-proxy client sends for http:// URLs: not a page of ours."""
+    target = f"http://127.0.0.1:{http_upstream.server_address[1]}/exchange?down=5"
+    body = b"x" if method == "POST" else b""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        port = sock.getsockname()[1]
+        sock.sendall(f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+                     "Connection: close\r\n\r\n".encode() + body)
+        status, head, rest = read_head(sock)
+        rest += recv_until_eof(sock, 5)
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 405 Method Not Allowed", head
+    assert b"Allow: CONNECT" in lines[1:], head
+    assert f"Content-Length: {len(DENIED_BODY)}".encode() in lines[1:], head
+    assert rest == (b"" if method == "HEAD" else DENIED_BODY)
+    line = _denied_line(method, target, port)
+    assert wait_until(lambda: line in proxy.output, 5), proxy.output[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_through_the_proxy_without_a_tunnel_is_405(proxy, http_upstream):
+    url = f"http://127.0.0.1:{http_upstream.server_address[1]}/exchange"
+    out = subprocess.run(["curl", "-sS", "-x", f"http://127.0.0.1:{proxy.port}", "-D", "-", "-o", os.devnull, url],
+                         capture_output=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    head = out.stdout.split(b"\r\n")
+    assert head[0] == b"HTTP/1.1 405 Method Not Allowed", out.stdout
+    assert b"Allow: CONNECT" in head, out.stdout
+    line = re.compile(re.escape(_denied_line("GET", url, "PORT")).replace("PORT", r"\d+"))
+    assert wait_until(lambda: line.search(proxy.output), 5), proxy.output[-2000:]
+
+
+def test_other_methods_in_origin_form_are_405_and_logged(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        port = sock.getsockname()[1]
+        sock.sendall(b"DELETE /thing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        status, head, rest = read_head(sock)
+        rest += recv_until_eof(sock, 5)
+    assert status == 405 and b"Allow: CONNECT, GET, HEAD" in head.split(b"\r\n"), head
+    assert rest == DENIED_BODY
+    line = _denied_line("DELETE", "/thing", port)
+    assert wait_until(lambda: line in proxy.output, 5), proxy.output[-2000:]
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        port = sock.getsockname()[1]  # pywsgi decodes %0A in PATH_INFO: the log line stays one line
+        sock.sendall(b"PUT /a%0A2026-01-01%20INFO%20forged HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert read_head(sock)[0] == 405
+    line = _denied_line("PUT", "/a\\n2026-01-01 INFO forged", port)
+    assert wait_until(lambda: line in proxy.output, 5), proxy.output[-2000:]
 
 
 def _concurrently(fn, n: int) -> None:
