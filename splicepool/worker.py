@@ -239,7 +239,7 @@ class Worker:
 
     def _source_event(self, sp: Splice, ep: Any, flags: int) -> None:
         if flags & _hub.URGENT:
-            ep.urgent = True  # a read may stop at the urgent mark: see _past_mark
+            ep.urgent = True  # a read may stop at the urgent mark: see _pass and _at_mark
         if sp._wait_drain:
             # Read when the drain wakes it. An edge-triggered hub will not report what
             # arrived meanwhile (data, a FIN) again: that pass must read until EAGAIN.
@@ -518,13 +518,15 @@ class Worker:
                 ep.looked = now
 
     def _send_queue(self, ep: Any) -> int:
-        """Bytes in ``ep``'s send queue (SIOCOUTQ), or -1 where it cannot be known."""
+        """Bytes in ``ep``'s send queue (SIOCOUTQ: unsent + unacked), or -1 where it cannot
+        be known (then never asked again for that socket)."""
         if not ep.outq or ep.sock is None:
             return -1
         ioc = self._ioc
         try:
             _ioctl(ep.fd, _SIOCOUTQ, ioc, True)
         except OSError:
+            ep.outq = False
             return -1
         return ioc[0]
 
@@ -761,13 +763,10 @@ class Worker:
         if age >= _SNDBUF_REFRESH:
             dst.sndbuf = dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
             age = 0
-        ioc = self._ioc
-        try:
-            _ioctl(dst.fd, _SIOCOUTQ, ioc, True)
-        except OSError:
-            dst.outq = False  # not a socket type that reports it: rely on partial sends
+        queued = self._send_queue(dst)
+        if queued < 0:  # not a socket type that reports it: rely on partial sends
             return (1 << 62, 0)
-        space = dst.sndbuf - ioc[0]
+        space = dst.sndbuf - queued
         low = dst.sndbuf >> 2
         if low > _LOW_WATER_MAX:
             low = _LOW_WATER_MAX
@@ -775,7 +774,7 @@ class Worker:
             # Before calling the drain full, make sure we are not looking at a stale size.
             dst.sndbuf = dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
             age = 0
-            space = dst.sndbuf - ioc[0]
+            space = dst.sndbuf - queued
         dst.sndbuf_age = age + 1
         dst.space = space
         return (space, low)
@@ -907,6 +906,8 @@ class Worker:
                     sp.reason, sp.error = reason, error
                 sp.state = S.CLOSED  # no legal move is left: waiters must not hang
                 sp._complete()
+                if sp._proxy is not None:
+                    sp._proxy._direction_done(sp)
 
     def _abandon(self, sp: Splice, reason: EndReason, error: OSError | None) -> None:
         """End a splice now, whatever its state: leftover dropped (pool close, crash)."""

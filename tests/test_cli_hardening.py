@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -470,3 +471,31 @@ def test_live_connection_bytes_are_exact_in_metrics_and_stats(upstreams, start_p
         check(1234, 1234, 0, 0)
     proxy.wait_stats(live=0, finished=1)
     check(0, 0, 1234, 1234)
+
+
+# -- 1. clients that reset while their relay starts ----------------------------------------------
+def test_400_clients_resetting_at_once_all_end_and_sigterm_does_not_wait_out_the_grace(
+    upstreams, start_proxy
+):
+    """Clients that send a RST right after connecting race the relay's start: each must end
+    (logged, counted), none may stay live, and SIGTERM then exits at once, not after --grace
+    (a relay stuck with no end reason kept `live: 1` and made SIGTERM wait the whole grace)."""
+    upstream = upstreams()
+    proxy = start_proxy(upstream.addr, "--grace", "30", stats=True)
+    n = 400
+    delays = random.Random(11)
+    for i in range(n):  # the resets spread over the hand-over: before, during and after it
+        client = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        if i % 2:
+            client.sendall(b"GET / HTTP/1.0\r\n")  # half of them say something first
+        time.sleep(delays.random() * 0.002)
+        rst(client)
+    st = proxy.wait_stats(timeout=15, accepted=n, live=0, connecting=0)
+    assert st["finished"] + st["refused"] + st["failed_connects"] == n, st
+    log = proxy.log()
+    for bad in ("illegal splice transition", "internal error", "Traceback", "crashed"):
+        assert bad not in log, log
+    t0 = time.monotonic()
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait(timeout=10) == 0
+    assert time.monotonic() - t0 < 5, "SIGTERM waited for a relay that never ended"
