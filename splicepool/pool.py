@@ -513,9 +513,13 @@ class SplicePool:
         directions have ended. EOF one way shuts the other socket's write side
         (``half_close``, default) and the reverse keeps running; with
         ``half_close=False`` it ends both. An error, ``idle`` seconds with no
-        byte moved either way, or ``Proxy.close()`` ends both. Errors as for
-        ``splice``, checked for a → b then b → a; a failed call changes nothing.
-        Returns once both directions have run their first pass, like ``splice``;
+        byte moved either way (nor leaving either socket's send queue), or
+        ``Proxy.close()`` ends both, and then both peers get a RST, never a FIN
+        that would pass for a complete transfer. Errors as for ``splice``,
+        checked for a → b then b → a; a failed call changes nothing. A client
+        that has already reset is no longer connected: that is
+        ``OSError(ENOTCONN)``, and the caller still owns both sockets and must
+        close them. Returns once both directions have run their first pass, like ``splice``;
         ``wait=False`` returns as soon as they are handed to their worker (an
         accept loop then never waits for a worker thread).
         """
