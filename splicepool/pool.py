@@ -1,9 +1,11 @@
-"""SplicePool: checks, round-robin assignment, and who splices what.
+"""SplicePool: checks, worker assignment, and who splices what.
 
 This is FreeBSD's ``so_splice`` / ``so_unsplice`` side: it validates a
 request in the kernel's order, takes its own duplicates of the fds (or the
-sockets themselves, when handed over), assigns a worker round-robin and hands
-the splice to it. The workers do everything else.
+sockets themselves, when handed over), assigns a worker (round-robin, or the
+worker of a live splice sharing a socket: see ``_choose_worker``) and hands
+the splice to it. The workers do everything else. docs/contract.md says what
+users may rely on.
 """
 
 from __future__ import annotations
@@ -265,7 +267,7 @@ class SplicePool:
         data already in the source has started moving (at most one pass of
         another splice delays that). ``dst`` negative unsplices ``src`` (and
         returns that splice). Raises ``OSError`` with FreeBSD's errno for a bad
-        request (the README's "Errors"), ``ELOOP`` if ``src`` and ``dst`` are the two ends
+        request (docs/contract.md, "Errors"), ``ELOOP`` if ``src`` and ``dst`` are the two ends
         of one TCP connection, ``TypeError`` for bad types, ``RuntimeError`` if the pool
         is closed; a failed call changes nothing.
         """

@@ -1,4 +1,4 @@
-"""SPEC section 3: the errors ``pool.splice`` / ``pool.unsplice`` raise, in FreeBSD's order.
+"""The errors ``pool.splice`` / ``pool.unsplice`` raise, in FreeBSD's order (docs/contract.md, "Errors").
 
 Real loopback sockets only, no mocks. Every error test asserts the exact errno,
 that the message names the offending socket (its fd number or its address) and
@@ -359,7 +359,7 @@ def test_ebadf_for_a_closed_sockets_old_number(pool, socks):
 def test_ebadf_for_a_closed_socket_object_as_drain(pool, socks):
     """A closed socket object (fileno() == -1) is a bad fd, not a request to unsplice.
 
-    SPEC: only a negative *int* means unsplice; a closed ``socket.socket`` is
+    docs/contract.md: only a negative *int* means unsplice; a closed ``socket.socket`` is
     "not an open fd". It must neither unsplice the running splice nor succeed.
     """
     ln = socks.link()
@@ -375,7 +375,7 @@ def test_ebadf_for_a_closed_socket_object_as_drain(pool, socks):
 
 
 def test_source_not_open_or_not_a_socket(pool, socks):
-    """SPEC lists only dst's EBADF/ENOTSOCK; the source gets the same (setsockopt on a bad fd)."""
+    """The source gets EBADF/ENOTSOCK too, before the drain's (setsockopt on a bad fd; docs/contract.md)."""
     ln = socks.link()
     bad = unused_fd()
     exc = splice_error(pool, bad, ln.dst)
@@ -990,7 +990,7 @@ def test_double_handle_unsplice_is_enotconn(pool, link):
 
 
 def test_unsplice_bad_fd(pool):
-    """SPEC is silent; like setsockopt on a bad fd, unsplicing one is EBADF."""
+    """Like setsockopt on a bad fd, unsplicing one is EBADF (docs/contract.md, "Errors")."""
     bad = unused_fd()
     exc = unsplice_error(lambda: pool.unsplice(bad))
     assert exc.errno == errno.EBADF, str(exc)

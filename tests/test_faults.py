@@ -1,6 +1,6 @@
-"""Faults (SPEC sections 3 and 4): resets, dead or silent drains, half-closes, users who
-close or shut down what is spliced, races with unsplice and pool.close(), raising callbacks,
-fd-number reuse, running out of fds, and fairness under load.
+"""Faults (docs/contract.md, sections 3 and 4): resets, dead or silent drains, half-closes,
+users who close or shut down what is spliced, races with unsplice and pool.close(), raising
+callbacks, fd-number reuse, running out of fds, and fairness under load.
 
 Every fault must end each splice it touches with the right ``EndReason`` within a bound
 (``END_BOUND`` seconds, asserted), and no byte may be duplicated or reordered: what reached

@@ -1,4 +1,4 @@
-"""Lifecycle and data rules (SPEC sections 2, 4, 5): end reasons, counters, no byte lost.
+"""Lifecycle and data rules: end reasons, counters, no byte lost (docs/contract.md sections 2, 4).
 
 Every data test runs on both paths: ``os.splice`` through a pipe (``zero_copy=None``
 on Linux) and the copy path (``zero_copy=False``). Payloads are seeded random

@@ -1,7 +1,7 @@
 """Property tests (hypothesis): random mixes of valid and invalid calls, in random orders.
 
 ``PoolMachine`` drives one pool through ``splice`` / ``unsplice`` / ``transferred`` with
-every kind of argument SPEC section 3 talks about (connected TCP and AF_UNIX stream
+every kind of argument docs/contract.md's "Errors" talks about (connected TCP and AF_UNIX stream
 sockets, closed fds, pipes, a file, UDP, listening and unconnected sockets, bad ``max``
 and ``idle`` values, wrong types), while it sends data, closes sockets and hangs up peers.
 A model predicts each call's outcome: success, or exactly the documented error (``OSError``

@@ -1,4 +1,7 @@
-"""Workers and the pool (SPEC sections 1, 4, 5, 6): assignment, isolation, fairness, cleanup, stats."""
+"""Workers and the pool: assignment, isolation, fairness, cleanup, stats.
+
+docs/contract.md, sections 1 (which worker), 4 (workers never block, bugs) and 7 (stats).
+"""
 
 from __future__ import annotations
 
