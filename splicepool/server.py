@@ -146,7 +146,7 @@ class _Conn:
         self.deadline = 0.0
         self.relay: Proxy | None = None
         self.attempt = 0  # index of the upstream address tried now (or connected to)
-        self.errors: list[str] = []  # "address: error" of each address that failed
+        self.errors: list[str] | None = None  # "address: error" of each address that failed
 
     def __call__(self, _relay: Proxy) -> None:
         """The relay's done callback (a worker thread): queue it for the loop to log."""
@@ -397,7 +397,7 @@ class ProxyServer:
         """Record that the current address failed; move ``conn`` on to the next one."""
         addr = format_addr(self._upstreams[conn.attempt][4])
         reason = exc.strerror or str(exc)
-        conn.errors.append(f"{addr}: {reason}" if len(self._upstreams) > 1 else reason)
+        self._note(conn, f"{addr}: {reason}" if len(self._upstreams) > 1 else reason)
         conn.attempt += 1
         if conn.attempt < len(self._upstreams):
             log.debug(
@@ -442,8 +442,16 @@ class ProxyServer:
         self._connecting.pop(up.fileno(), None)
         up.close()
         conn.upstream = None
-        conn.errors.append("shutting down")
+        self._note(conn, "shutting down")
         self._connect_failed(conn)
+
+    @staticmethod
+    def _note(conn: _Conn, error: str) -> None:
+        """Remember why an address failed (the list is made on the first failure: most
+        connections never need one)."""
+        if conn.errors is None:
+            conn.errors = []
+        conn.errors.append(error)
 
     def _connect_failed(self, conn: _Conn) -> None:
         """Every address failed (or the server stops): close the client, count, log."""
@@ -455,7 +463,7 @@ class ProxyServer:
             conn.id,
             conn.peer,
             self.connect_label,
-            "; ".join(conn.errors),
+            "; ".join(conn.errors or ()),
         )
 
     def _hand_over(self, conn: _Conn) -> None:
