@@ -15,7 +15,6 @@ from .pool import SplicePool
 from .server import (
     WILDCARDS,
     ProxyServer,
-    StatsServer,
     format_addr,
     loops_back,
     parse_hostport,
@@ -216,6 +215,8 @@ def run_proxy(args: argparse.Namespace, index: int = 0) -> int:
     if args.stats_listen is not None:  # bound first: a port in use fails before anything starts
         host, port = args.stats_listen
         try:
+            from ._stats import StatsServer  # only with stats: a proxy without them is lighter
+
             stats = StatsServer((host, port + index if port else 0))
         except OSError as exc:
             log.error("cannot serve stats on %s: %s", format_addr(args.stats_listen), exc.strerror or exc)

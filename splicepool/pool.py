@@ -58,8 +58,7 @@ class Endpoint:
         "sndbuf",
         "sndbuf_age",
         "space",
-        "queued",
-        "looked",
+        "look",
         "urgent",
         "src_of",
         "drain_of",
@@ -79,8 +78,7 @@ class Endpoint:
         self.sndbuf = 0
         self.sndbuf_age = 1 << 30  # read SO_SNDBUF on the first pass
         self.space = 0  # free send buffer at the last SIOCOUTQ, less what was sent since
-        self.queued = 0  # its send queue when an idle timer last looked (see Worker._idle_expired)
-        self.looked = 0.0  # when that was (monotonic)
+        self.look: tuple[int, float] | None = None  # (send queue, when): see Worker._idle_expired
         self.urgent = False  # TCP urgent data was reported: reads may stop at its mark
         self.src_of: Splice | None = None  # the live splice reading from it
         self.drain_of: Splice | None = None  # the splice (not done) writing into it
@@ -357,8 +355,7 @@ class SplicePool:
                 ep.owned = True
                 if info.fd != ep.fd and info.fd not in ep.adopted:
                     ep.adopted += (info.fd,)
-        sp = Splice(self, src, dst, max, idle or None, index)
-        sp._owner = self._workers[index]
+        sp = Splice(self, src, dst, max, idle or None, self._workers[index])
         sp._src, sp._dst = src_ep, dst_ep
         sp._user_fd = src_info.fd
         src_ep.src_of = sp

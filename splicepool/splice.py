@@ -156,7 +156,6 @@ class Splice(_Waitable):
         "drain",
         "max",
         "idle",
-        "worker",
         "state",
         "reason",
         "error",
@@ -189,14 +188,13 @@ class Splice(_Waitable):
         drain: Any,
         max: int,
         idle: float | None,
-        worker: int,
+        owner: Any,
     ) -> None:
         _Waitable.__init__(self)
         self.source = source
         self.drain = drain
         self.max = max
         self.idle = idle
-        self.worker = worker
         self.state = S.INIT
         self.reason: EndReason | None = None
         self.error: OSError | None = None
@@ -204,7 +202,7 @@ class Splice(_Waitable):
         self.dropped = 0
         self.taken = 0  # bytes pulled from the source: transferred + dropped + in flight
         self._pool = pool
-        self._owner: Any = None  # the Worker object (set by the pool): `worker` is only its index
+        self._owner = owner  # its Worker: splices are told apart by it, never by index
         self._timer: list[Any] | None = None  # its idle timer's heap entry, while it has one
         self._src: Any = None  # the pool's endpoints (set by the pool)
         self._dst: Any = None
@@ -221,6 +219,11 @@ class Splice(_Waitable):
         self._proxy: Any = None  # the Proxy this splice is a direction of
 
     # -- read-only views -------------------------------------------------
+    @property
+    def worker(self) -> int:
+        """The index of its worker thread (a worker that crashed is replaced at the same index)."""
+        return self._owner.index
+
     @property
     def zero_copy(self) -> bool:
         """True on the zero-copy path (bulk moves with os.splice, never entering Python; reads

@@ -488,17 +488,19 @@ class Worker:
         quiet_from = None
         for ep in drains:
             queued = self._send_queue(ep)
-            if queued < 0:
+            look = ep.look
+            if queued < 0 or look is None:
                 continue
-            if queued < ep.queued or ep.looked < last:
+            before, looked = look
+            if queued < before or looked < last:
                 # Bytes left the queue (or no look since the last move to compare with):
                 # active now; look again from here.
                 sp._last_move = now
                 self._look(drains, now)
                 self._arm(sp, now + sp.idle)
                 return
-            if queued or ep.queued:
-                quiet_from = ep.looked if quiet_from is None else max(quiet_from, ep.looked)
+            if queued or before:
+                quiet_from = looked if quiet_from is None else max(quiet_from, looked)
         if quiet_from is not None and quiet_from + sp.idle > now:
             self._arm(sp, quiet_from + sp.idle)
             return
@@ -514,8 +516,7 @@ class Worker:
         for ep in drains:
             queued = self._send_queue(ep)
             if queued >= 0:
-                ep.queued = queued
-                ep.looked = now
+                ep.look = (queued, now)
 
     def _send_queue(self, ep: Any) -> int:
         """Bytes in ``ep``'s send queue (SIOCOUTQ: unsent + unacked), or -1 where it cannot

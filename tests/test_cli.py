@@ -891,12 +891,13 @@ def test_listen_address_in_use_is_one_line_not_a_traceback():
 
 def test_the_proxy_process_loads_no_heavy_module_it_does_not_use():
     """Every idle connection counts against the proxy's RSS, and so does its start: http.server
-    (with ssl and email, ~7 MiB) loads only with --stats-listen; typing and dataclasses not at
-    all (bench/compare.py's idle workload holds 9000 connections against HAProxy's memory)."""
+    (with ssl and email, ~7 MiB) and the stats server load only with --stats-listen; typing
+    and dataclasses not at all (bench/compare.py's idle workload holds 9000 connections
+    against HAProxy's memory)."""
     code = (
         "import sys, splicepool.__main__\n"
-        "print(sorted(m for m in ('http.server', 'json', 'ssl', 'email', 'typing', 'dataclasses')"
-        " if m in sys.modules))\n"
+        "print(sorted(m for m in ('http.server', 'json', 'ssl', 'email', 'typing', 'dataclasses',"
+        " 'splicepool._stats') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=30)
