@@ -114,9 +114,10 @@ class SockInfo(
     """What the checks learned about one socket fd (a passive record).
 
     ``key``: the socket's inode number, which survives fd-number reuse (see
-    ``socket_key``). ``local`` and ``peer``: its addresses (None when unknown). ``label``: "source fd 7 (127.0.0.1:5000 -> 127.0.0.1:40000)",
-    role, fd and addresses; ``desc``: the same without the role, as a socket
-    can be a source and a drain at once.
+    ``socket_key``). ``local`` and ``peer``: its addresses (None when unknown).
+    ``label``: "source fd 7 (127.0.0.1:5000 -> 127.0.0.1:40000)", role, fd and
+    addresses; ``desc``: the same without the role, as a socket can be a source
+    and a drain at once.
     """
 
     __slots__ = ()

@@ -222,7 +222,8 @@ class Splice(_Waitable):
     @property
     def worker(self) -> int:
         """The index of its worker thread (a worker that crashed is replaced at the same index)."""
-        return self._owner.index
+        owner = self._owner
+        return owner.index if owner is not None else -1  # -1: a bare handle, in a unit test
 
     @property
     def zero_copy(self) -> bool:

@@ -11,7 +11,7 @@ S = SpliceState
 
 
 def _fresh(pool: SplicePool) -> Splice:
-    return Splice(pool, 0, 1, max=0, idle=None, worker=0)
+    return Splice(pool, 0, 1, max=0, idle=None, owner=None)  # a bare handle: no worker
 
 
 def _path_to(target: SpliceState) -> list[SpliceState]:
