@@ -6,14 +6,21 @@ Loaded only when stats are asked for: a proxy process without them stays lighter
 
 from __future__ import annotations
 
-import errno
 import os
 import selectors
 import socket
 import threading
 import time
 
-from .server import _ACCEPT_BURST, _EMFILE_BACKOFF, format_addr, log, printable
+from .server import (
+    _ACCEPT_BURST,
+    _EMFILE_BACKOFF,
+    OutOfFds,
+    accept_nowait,
+    format_addr,
+    log,
+    printable,
+)
 
 TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
 if TYPE_CHECKING:
@@ -157,18 +164,15 @@ class StatsServer:
             if not self._room():
                 return
             try:
-                sock, peer = self._sock.accept()
-            except BlockingIOError:
+                got = accept_nowait(self._sock)
+            except OutOfFds as exc:
+                log.warning("stats: accept: %s; pausing for %.1f s", exc, _EMFILE_BACKOFF)
+                self._paused_until = time.monotonic() + _EMFILE_BACKOFF
+                self._set_accepting(False)
                 return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("stats: accept: %s; pausing for %.1f s", exc.strerror, _EMFILE_BACKOFF)
-                    self._paused_until = time.monotonic() + _EMFILE_BACKOFF
-                    self._set_accepting(False)
-                    return
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue
-                raise
+            if got is None:
+                return
+            sock, peer = got
             if len(self._conns) >= self.max_conns:
                 oldest = next(c for c in self._conns.values() if c.out is None)
                 log.debug("stats: %s: closed to make room for a new connection", oldest.peer)

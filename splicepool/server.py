@@ -343,18 +343,15 @@ class ProxyServer:
             if self._full():
                 return
             try:
-                client, peer = self.listener.accept()
-            except BlockingIOError:
+                got = accept_nowait(self.listener)
+            except OutOfFds as exc:
+                log.warning("accept: %s; pausing accepts for %.1f s", exc, _EMFILE_BACKOFF)
+                self._paused_until = time.monotonic() + _EMFILE_BACKOFF
+                self._set_accepting(False)
                 return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("accept: %s; pausing accepts for %.1f s", exc.strerror, _EMFILE_BACKOFF)
-                    self._paused_until = time.monotonic() + _EMFILE_BACKOFF
-                    self._set_accepting(False)
-                    return
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
-                    continue
-                raise
+            if got is None:
+                return
+            client, peer = got
             self.counters.accepted += 1
             self._ids += 1
             conn = _Conn(self, self._ids, client, format_addr(peer), time.monotonic())
@@ -415,8 +412,8 @@ class ProxyServer:
                 format_addr(self._upstreams[conn.attempt][4]),
             )
 
-    def _attempt_failed(self, conn: _Conn, exc: OSError) -> None:
-        """The connect in progress failed or timed out: try the next address, if any."""
+    def _drop_attempt(self, conn: _Conn) -> None:
+        """Close the upstream socket of ``conn``'s connect in progress."""
         conn.deadline = 0.0
         up = conn.upstream
         assert up is not None
@@ -424,6 +421,10 @@ class ProxyServer:
         self._connecting.pop(up.fileno(), None)
         up.close()
         conn.upstream = None
+
+    def _attempt_failed(self, conn: _Conn, exc: OSError) -> None:
+        """The connect in progress failed or timed out: try the next address, if any."""
+        self._drop_attempt(conn)
         self._note_failure(conn, exc)
         self._start_connect(conn)
 
@@ -441,13 +442,7 @@ class ProxyServer:
 
     def _cancel(self, conn: _Conn) -> None:
         """Give up a connect in progress (shutting down)."""
-        conn.deadline = 0.0
-        up = conn.upstream
-        assert up is not None
-        self._sel.unregister(up)
-        self._connecting.pop(up.fileno(), None)
-        up.close()
-        conn.upstream = None
+        self._drop_attempt(conn)
         self._note(conn, "shutting down")
         self._connect_failed(conn)
 
@@ -646,6 +641,28 @@ class ProxyServer:
         stats = StatsServer(address)
         stats.start(self)
         return stats
+
+
+class OutOfFds(Exception):
+    """``accept()`` ran out of fds or memory: stop accepting for a moment, never spin."""
+
+
+def accept_nowait(listener: socket.socket) -> tuple[socket.socket, Any] | None:
+    """One connection from a non-blocking ``listener``, or None when none is waiting.
+
+    Connections aborted before they were taken are skipped; ``OutOfFds`` (EMFILE,
+    ENFILE, ENOBUFS, ENOMEM) says to pause; any other error is raised.
+    """
+    while True:
+        try:
+            return listener.accept()
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                raise OutOfFds(exc.strerror or str(exc)) from exc
+            if exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                raise
 
 
 def resolve(address: tuple[str, int]) -> list[tuple[Any, ...]]:
