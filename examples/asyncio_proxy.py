@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import ipaddress
 import logging
 import signal
@@ -50,21 +49,6 @@ def parse_hostport(text: str, option: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or int(port) > 65535:
         raise ValueError(f"{option} {text!r}: expected HOST:PORT ([V6]:PORT)")
     return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def went_away(exc: BaseException, client: socket.socket, upstream: socket.socket) -> str | None:
-    """``"client"`` or ``"upstream"``: the side without a peer when ``proxy()`` raised ENOTCONN.
-
-    None for any other error, which is not a peer going away.
-    """
-    if not isinstance(exc, OSError) or exc.errno != errno.ENOTCONN:
-        return None
-    for side, sock in (("client", client), ("upstream", upstream)):
-        try:
-            sock.getpeername()
-        except OSError:
-            return side
-    return None
 
 
 class TcpProxy:
@@ -125,7 +109,7 @@ class TcpProxy:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             relay = splicepool.proxy(client, upstream, pool=self.pool, idle=self.idle)
         except BaseException as exc:  # proxy() refused and changed nothing: the sockets are still ours
-            gone = went_away(exc, client, upstream)
+            gone = splicepool.peer_gone(exc, client=client, upstream=upstream)
             client.close()
             upstream.close()
             if gone is None:

@@ -23,7 +23,6 @@ socketserver ignores) and its ``close()`` is a no-op.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import signal
 import socket
@@ -43,21 +42,6 @@ def parse_hostport(text: str, option: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-def went_away(exc: BaseException, client: socket.socket, upstream: socket.socket) -> str | None:
-    """``"client"`` or ``"upstream"``: the side without a peer when ``proxy()`` raised ENOTCONN.
-
-    None for any other error, which is not a peer going away.
-    """
-    if not isinstance(exc, OSError) or exc.errno != errno.ENOTCONN:
-        return None
-    for side, sock in (("client", client), ("upstream", upstream)):
-        try:
-            sock.getpeername()
-        except OSError:
-            return side
-    return None
-
-
 class Handler(socketserver.BaseRequestHandler):
     server: Server
 
@@ -74,7 +58,7 @@ class Handler(socketserver.BaseRequestHandler):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             relay = splicepool.proxy(self.request, upstream, pool=srv.pool, idle=srv.idle)
         except BaseException as exc:
-            gone = went_away(exc, self.request, upstream)
+            gone = splicepool.peer_gone(exc, client=self.request, upstream=upstream)
             upstream.close()  # proxy() failed and changed nothing; socketserver closes the client
             if gone is None:
                 raise

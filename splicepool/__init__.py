@@ -15,7 +15,7 @@ import atexit
 
 from . import _native
 from .pool import SplicePool
-from .proxy import Proxy
+from .proxy import Proxy, peer_gone
 from .splice import EndReason, Splice, SpliceState
 
 TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
@@ -29,6 +29,7 @@ __all__ = [
     "SplicePool",
     "SpliceState",
     "default_pool",
+    "peer_gone",
     "proxy",
     "splice",
     "transferred",

@@ -130,6 +130,24 @@ class Proxy(_Waitable):
         self._complete()
 
 
+def peer_gone(exc: BaseException, **sides: Any) -> str | None:
+    """Which side had already lost its peer when ``proxy()`` (or ``splice()``) raised ``exc``.
+
+    ``sides`` names the sockets, e.g. ``peer_gone(exc, client=c, upstream=u)``: the
+    name of the first one with no peer (a client that reset before the relay could
+    start) when ``exc`` is ``OSError(ENOTCONN)``, else None (any other error is not a
+    peer going away). The failed call changed nothing: close both sockets yourself.
+    """
+    if not isinstance(exc, OSError) or exc.errno != errno.ENOTCONN:
+        return None
+    for name, sock in sides.items():
+        try:
+            sock.getpeername()
+        except OSError:
+            return name
+    return None
+
+
 def proxy(
     pool: SplicePool,
     a: Any,

@@ -31,7 +31,7 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import default_pool
+from . import default_pool, peer_gone
 
 if TYPE_CHECKING:
     from .pool import SplicePool
@@ -182,7 +182,7 @@ def run_tunnel(
         in_proxy = True
         relay = (pool or default_pool()).proxy(client, upstream, idle=idle)
     except Exception as exc:
-        gone = _gone(exc, client, upstream)
+        gone = peer_gone(exc, client=client, upstream=upstream)
         client.close()  # proxy() refused and changed nothing: the sockets are still ours
         upstream.close()
         if gone is None:
@@ -385,18 +385,6 @@ def _finished(environ: dict[str, Any]) -> list[bytes]:
     if _unreader(environ) is not None:
         raise StopIteration("splicepool.wsgi: connection taken over")
     return []
-
-
-def _gone(exc: BaseException, client: Any, upstream: Any) -> str | None:
-    """The side without a peer when ``exc`` is ENOTCONN ("client" first); None otherwise."""
-    if not isinstance(exc, OSError) or exc.errno != errno.ENOTCONN:
-        return None
-    for side, sock in (("client", client), ("upstream", upstream)):
-        try:
-            sock.getpeername()
-        except OSError:
-            return side
-    return None
 
 
 def _connector(sock: Any) -> Callable[..., Any]:

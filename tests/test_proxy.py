@@ -223,3 +223,17 @@ def test_module_level_proxy_uses_the_given_pool(pool, relay):
     relay.client.close()
     relay.server.close()
     assert px.wait(5) is EndReason.EOF
+
+
+def test_peer_gone_names_the_side_that_reset_before_the_relay(pool, relay):
+    """A client that already reset makes proxy() raise ENOTCONN and change nothing;
+    peer_gone() says which side it was, and None for any other error."""
+    relay.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    relay.client.close()
+    with pytest.raises(OSError) as info:
+        pool.proxy(relay.a, relay.b)
+    assert info.value.errno == errno.ENOTCONN
+    assert relay.a.fileno() != -1 and relay.b.fileno() != -1  # still the caller's
+    assert splicepool.peer_gone(info.value, client=relay.a, upstream=relay.b) == "client"
+    assert splicepool.peer_gone(OSError(errno.ECONNREFUSED, "refused"), client=relay.a) is None
+    assert splicepool.peer_gone(ValueError("x"), client=relay.a) is None
