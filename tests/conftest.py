@@ -21,6 +21,7 @@ import hashlib  # noqa: E402 - after patching, on purpose
 import random  # noqa: E402
 import select  # noqa: E402
 import socket  # noqa: E402
+import struct  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
@@ -70,6 +71,31 @@ class Link:
     def close(self) -> None:
         for s in self.sockets():
             s.close()
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with SO_LINGER (1, 0): the peer gets a RST instead of a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def shrink(*socks: socket.socket, size: int = 64 * 1024) -> None:
+    """Small send and receive buffers, so that a drain fills up soon."""
+    for s in socks:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+def fill_send_buffer(sock: socket.socket) -> bytes:
+    """Write into ``sock`` until its send buffer is full (its peer reads nothing); return what
+    went in. ``os.write``: a gevent socket's send would wait for room instead of failing."""
+    filler = bytearray()
+    chunk = payload(4096, 7)
+    while True:
+        try:
+            filler += chunk[: os.write(sock.fileno(), chunk)]
+        except BlockingIOError:
+            return bytes(filler)
 
 
 def recv_exact(sock: socket.socket, n: int, timeout: float = 10.0) -> bytes:

@@ -17,7 +17,6 @@ import random
 import resource
 import select
 import socket
-import struct
 import threading
 import time
 
@@ -32,8 +31,10 @@ from conftest import (
     payload,
     recv_exact,
     recv_until_eof,
+    reset,
     send_in_thread,
     settle,
+    shrink,
     tcp_pair,
     thread_backend_only,
     thread_count,
@@ -53,16 +54,6 @@ LIVE = {SpliceState.INIT, SpliceState.IDLE, SpliceState.QUEUED, SpliceState.RUNN
 
 
 
-def reset(sock: socket.socket) -> None:
-    """Close with SO_LINGER (1, 0): the peer gets a RST instead of a FIN."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
-def shrink(*socks: socket.socket, size: int = 64 * 1024) -> None:
-    for s in socks:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 def peek(sock: socket.socket, wait: float = 0.15) -> bytes | None:

@@ -11,7 +11,6 @@ import errno
 import os
 import select
 import socket
-import struct
 import threading
 import time
 
@@ -24,7 +23,9 @@ from conftest import (
     recv_available,
     recv_exact,
     recv_until_eof,
+    reset,
     send_in_thread,
+    shrink,
     tcp_pair,
     thread_backend_only,
     until,
@@ -51,17 +52,6 @@ def peek(sock: socket.socket, wait: float = 0.15) -> bytes | None:
     return sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
-def shrink(*socks: socket.socket, size: int = 64 * 1024) -> None:
-    """Small fixed buffers, so a stalled reader stalls the splice after a few hundred KiB."""
-    for s in socks:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-
-
-def reset(sock: socket.socket) -> None:
-    """Close with SO_LINGER (1, 0): the peer gets a RST instead of a FIN."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 def socket_inodes() -> set[int]:

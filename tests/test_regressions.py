@@ -12,7 +12,6 @@ import errno
 import gc
 import os
 import socket
-import struct
 import threading
 import time
 import weakref
@@ -24,8 +23,11 @@ from conftest import (
     Link,
     digest,
     fd_count,
+    fill_send_buffer,
     payload,
     recv_exact,
+    reset,
+    shrink,
     tcp_pair,
     thread_backend_only,
     until,
@@ -37,11 +39,6 @@ MiB = 1 << 20
 HAVE_SPLICE = hasattr(os, "splice")
 LIVE = {SpliceState.INIT, SpliceState.IDLE, SpliceState.QUEUED, SpliceState.RUNNING}
 
-
-def reset(sock: socket.socket) -> None:
-    """Close with SO_LINGER (1, 0): the peer gets a RST instead of a FIN."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 def read_all(sock: socket.socket, timeout: float = 10.0) -> tuple[bytes, str]:
@@ -134,21 +131,13 @@ def test_2_a_fin_after_a_small_read_met_a_full_drain_still_ends_the_splice(zero_
     the drain. More bytes and the FIN arrive meanwhile; once the drain's peer reads, every
     byte arrives in order and the splice ends with EOF (it stayed IDLE for good)."""
     link = Link()
-    for s in (link.dst, link.peer_dst):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    shrink(link.dst, link.peer_dst)
     with SplicePool(workers=1, zero_copy=zero_copy) as pool:
         sp = pool.splice(link.src, link.dst)
         link.peer_src.sendall(b"hello")
         assert recv_exact(link.peer_dst, 5) == b"hello"
         assert until(lambda: sp.transferred == 5)
-        filler = bytearray()
-        chunk = payload(4096, 7)
-        while True:  # the user writes into the drain until it is full (its peer reads nothing)
-            try:
-                filler += chunk[: os.write(link.dst.fileno(), chunk)]
-            except BlockingIOError:
-                break
+        filler = fill_send_buffer(link.dst)  # the user writes into the drain until it is full
         first, second = payload(8000, 8), payload(3000, 9)
 
         def wakeups() -> int:
@@ -161,7 +150,7 @@ def test_2_a_fin_after_a_small_read_met_a_full_drain_still_ends_the_splice(zero_
         link.peer_src.sendall(second)
         link.peer_src.shutdown(socket.SHUT_WR)
         assert until(lambda: wakeups() > seen, 5)  # the worker saw them while it waited
-        want = bytes(filler) + first + second
+        want = filler + first + second
         got = recv_exact(link.peer_dst, len(want), timeout=10)
         assert digest(got) == digest(want)
         assert sp.wait(5) is EndReason.EOF

@@ -21,11 +21,13 @@ from conftest import (
     Link,
     digest,
     fd_count,
+    fill_send_buffer,
     payload,
     recv_exact,
     recv_until_eof,
     send_in_thread,
     settle,
+    shrink,
     tcp_pair,
     thread_count,
     until,
@@ -41,11 +43,6 @@ HAVE_SPLICE = hasattr(os, "splice")
 
 
 
-
-def shrink(*socks: socket.socket, size: int = 64 * 1024) -> None:
-    for s in socks:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 
@@ -236,18 +233,12 @@ def test_a_small_read_the_drain_cannot_take_whole_waits_for_the_drain_in_order(z
         link.peer_src.sendall(b"hello")
         assert recv_exact(link.peer_dst, 5) == b"hello"
         assert until(lambda: sp.transferred == 5)
-        filler = bytearray()
-        chunk = payload(4096, 7)
-        while True:  # the user writes into the drain until it is full (its peer reads nothing)
-            try:  # os.write: a gevent socket's send would wait for room instead of failing
-                filler += chunk[: os.write(link.dst.fileno(), chunk)]
-            except BlockingIOError:
-                break
+        filler = fill_send_buffer(link.dst)  # the user writes into the drain until it is full
         msg = payload(8000, 8)
         link.peer_src.sendall(msg)
         time.sleep(0.3)  # the worker reads it and finds the drain full
         got = recv_exact(link.peer_dst, len(filler) + len(msg), timeout=10)
-        assert digest(got) == digest(bytes(filler) + msg)
+        assert digest(got) == digest(filler + msg)
         assert until(lambda: sp.transferred == 5 + len(msg))
         assert sp.dropped == 0 and sp.reason is None
         link.peer_src.shutdown(socket.SHUT_WR)
