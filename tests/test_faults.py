@@ -49,11 +49,7 @@ END_BOUND = 2.0  # seconds from a fault to the end of every splice it touches
 LIVE = {SpliceState.INIT, SpliceState.IDLE, SpliceState.QUEUED, SpliceState.RUNNING}
 
 
-# -- helpers (the same few as in test_lifecycle.py, plus clocks and fd sets) ------------
-
-
-
-
+# -- helpers (clocks and fd sets; reset and shrink come from conftest) ------------------
 
 
 def peek(sock: socket.socket, wait: float = 0.15) -> bytes | None:

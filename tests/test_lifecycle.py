@@ -41,8 +41,6 @@ LIVE = {SpliceState.INIT, SpliceState.IDLE, SpliceState.QUEUED, SpliceState.RUNN
 # -- helpers ----------------------------------------------------------------------------
 
 
-
-
 def peek(sock: socket.socket, wait: float = 0.15) -> bytes | None:
     """None if neither data nor EOF shows up within ``wait``; else the queued bytes (b"" = EOF)."""
     p = select.poll()

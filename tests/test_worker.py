@@ -39,11 +39,7 @@ MiB = 1 << 20
 HAVE_SPLICE = hasattr(os, "splice")
 
 
-# -- helpers (the same few as in test_lifecycle.py) -------------------------------------
-
-
-
-
+# -- helpers -------------------------------------------------------------------------
 
 
 @pytest.fixture(params=["splice", "copy"])
