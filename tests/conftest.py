@@ -266,6 +266,31 @@ thread_backend_only = pytest.mark.skipif(
 own_processes = pytest.mark.skipif(GEVENT, reason="starts its own processes: runs in the thread run")
 
 
+HAVE_SPLICE = hasattr(os, "splice")
+
+
+@pytest.fixture(params=["splice", "copy"])
+def zero_copy(request):
+    """The two paths: ``None`` (zero-copy, os.splice) and ``False`` (the copy path)."""
+    if request.param == "splice" and not HAVE_SPLICE:
+        pytest.skip("no os.splice on this platform")
+    return None if request.param == "splice" else False
+
+
+def peek(sock: socket.socket, wait: float = 0.15) -> bytes | None:
+    """None if neither data nor EOF shows up within ``wait``; else the queued bytes (b"" = EOF)."""
+    p = select.poll()
+    p.register(sock, select.POLLIN)
+    if not p.poll(int(wait * 1000)):
+        return None
+    return sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
+
+def wakeups(pool, index: int = 0) -> int:
+    """How many times worker ``index`` has woken up with events (stats)."""
+    return pool.stats()["workers"][index]["wakeups"]
+
+
 @pytest.fixture
 def pool():
     p = splicepool.SplicePool(workers=2)

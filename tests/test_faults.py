@@ -15,7 +15,6 @@ import hashlib
 import os
 import random
 import resource
-import select
 import socket
 import threading
 import time
@@ -29,6 +28,7 @@ from conftest import (
     fd_count,
     open_fds,
     payload,
+    peek,
     recv_exact,
     recv_until_eof,
     reset,
@@ -50,15 +50,6 @@ LIVE = {SpliceState.INIT, SpliceState.IDLE, SpliceState.QUEUED, SpliceState.RUNN
 
 
 # -- helpers (clocks and fd sets; reset and shrink come from conftest) ------------------
-
-
-def peek(sock: socket.socket, wait: float = 0.15) -> bytes | None:
-    """None if neither data nor EOF shows up within ``wait``; else the queued bytes (b"" = EOF)."""
-    p = select.poll()
-    p.register(sock, select.POLLIN)
-    if not p.poll(int(wait * 1000)):
-        return None
-    return sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 def read_rest(sock: socket.socket, timeout: float = 15.0) -> bytes:
@@ -133,13 +124,6 @@ def socket_key(sock_or_fd) -> int:
     """The pool's key for a socket (its inode number), as pool.py keys its books."""
     fd = sock_or_fd if isinstance(sock_or_fd, int) else sock_or_fd.fileno()
     return _checks.socket_key(fd)
-
-
-@pytest.fixture(params=["splice", "copy"])
-def zero_copy(request):
-    if request.param == "splice" and not HAVE_SPLICE:
-        pytest.skip("no os.splice on this platform")
-    return None if request.param == "splice" else False
 
 
 # -- resets ---------------------------------------------------------------------------

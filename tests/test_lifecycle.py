@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import socket
 import threading
 import time
@@ -20,6 +19,7 @@ from conftest import (
     Link,
     digest,
     payload,
+    peek,
     recv_available,
     recv_exact,
     recv_until_eof,
@@ -39,15 +39,6 @@ LIVE = {SpliceState.INIT, SpliceState.IDLE, SpliceState.QUEUED, SpliceState.RUNN
 
 
 # -- helpers ----------------------------------------------------------------------------
-
-
-def peek(sock: socket.socket, wait: float = 0.15) -> bytes | None:
-    """None if neither data nor EOF shows up within ``wait``; else the queued bytes (b"" = EOF)."""
-    p = select.poll()
-    p.register(sock, select.POLLIN)
-    if not p.poll(int(wait * 1000)):
-        return None
-    return sock.recv(1 << 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 

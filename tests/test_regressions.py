@@ -31,6 +31,7 @@ from conftest import (
     tcp_pair,
     thread_backend_only,
     until,
+    wakeups,
 )
 
 from splicepool import EndReason, SplicePool, SpliceState
@@ -140,16 +141,13 @@ def test_2_a_fin_after_a_small_read_met_a_full_drain_still_ends_the_splice(zero_
         filler = fill_send_buffer(link.dst)  # the user writes into the drain until it is full
         first, second = payload(8000, 8), payload(3000, 9)
 
-        def wakeups() -> int:
-            return pool.stats()["workers"][0]["wakeups"]
-
-        seen = wakeups()
+        seen = wakeups(pool)
         link.peer_src.sendall(first)  # read at dispatch (zero-copy path), stuck at the drain
-        assert until(lambda: wakeups() > seen, 5)
-        seen = wakeups()
+        assert until(lambda: wakeups(pool) > seen, 5)
+        seen = wakeups(pool)
         link.peer_src.sendall(second)
         link.peer_src.shutdown(socket.SHUT_WR)
-        assert until(lambda: wakeups() > seen, 5)  # the worker saw them while it waited
+        assert until(lambda: wakeups(pool) > seen, 5)  # the worker saw them while it waited
         want = filler + first + second
         got = recv_exact(link.peer_dst, len(want), timeout=10)
         assert digest(got) == digest(want)

@@ -23,6 +23,7 @@ from conftest import (
     fd_count,
     fill_send_buffer,
     payload,
+    peek,
     recv_exact,
     recv_until_eof,
     send_in_thread,
@@ -31,6 +32,7 @@ from conftest import (
     tcp_pair,
     thread_count,
     until,
+    wakeups,
 )
 
 from splicepool import EndReason, SplicePool
@@ -40,13 +42,6 @@ HAVE_SPLICE = hasattr(os, "splice")
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["splice", "copy"])
-def zero_copy(request):
-    if request.param == "splice" and not HAVE_SPLICE:
-        pytest.skip("no os.splice on this platform")
-    return None if request.param == "splice" else False
 
 
 # -- assignment -------------------------------------------------------------------------
@@ -231,8 +226,12 @@ def test_a_small_read_the_drain_cannot_take_whole_waits_for_the_drain_in_order(z
         assert until(lambda: sp.transferred == 5)
         filler = fill_send_buffer(link.dst)  # the user writes into the drain until it is full
         msg = payload(8000, 8)
+        seen = wakeups(pool)
         link.peer_src.sendall(msg)
-        time.sleep(0.3)  # the worker reads it and finds the drain full
+        assert until(lambda: wakeups(pool) > seen)  # the worker saw it: and the drain was full
+        queued = peek(link.src, 0) or b""  # what the worker has not taken is still in the source
+        assert sp.transferred == 5 and sp.in_flight + len(queued) == len(msg), (sp, len(queued))
+        assert sp.in_flight > 0 if zero_copy is None else sp.in_flight == 0  # read at dispatch, kept
         got = recv_exact(link.peer_dst, len(filler) + len(msg), timeout=10)
         assert digest(got) == digest(filler + msg)
         assert until(lambda: sp.transferred == 5 + len(msg))

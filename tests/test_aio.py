@@ -1,0 +1,86 @@
+"""splicepool.aio: ``await sp`` and ``await proxy`` from an asyncio loop, never blocking it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from conftest import Link, recv_exact, thread_backend_only
+
+from splicepool import EndReason, SplicePool
+
+# asyncio runs in the thread run; the gevent runs patch the process for gevent instead.
+pytestmark = thread_backend_only
+
+
+def test_await_a_splice_returns_its_reason_without_blocking_the_loop():
+    link = Link()
+    pool = SplicePool(workers=1)
+    try:
+        sp = pool.splice(link.src, link.dst)
+
+        async def main() -> tuple[EndReason, int]:
+            ticks = 0
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await asyncio.sleep(0.001)
+
+            ticker = asyncio.ensure_future(tick())
+            link.peer_src.sendall(b"through the splice")
+            link.peer_src.shutdown(socket.SHUT_WR)
+            reason = await sp
+            ticker.cancel()
+            return reason, ticks
+
+        reason, ticks = asyncio.run(main())
+        assert reason is EndReason.EOF
+        assert ticks >= 1  # the loop ran while the splice was awaited
+        assert recv_exact(link.peer_dst, 18) == b"through the splice"
+    finally:
+        pool.close()
+        link.close()
+
+
+def test_a_cancelled_await_leaves_the_splice_running_and_a_closed_loop_is_never_called():
+    """Cancelling ``await sp`` does not end the splice; a splice that ends after its loop
+    was closed must not disturb the worker (the loop is never called)."""
+    link = Link()
+    pool = SplicePool(workers=1)
+    try:
+        sp = pool.splice(link.src, link.dst)
+
+        async def waiter() -> EndReason:
+            return await sp
+
+        async def cancelled() -> bool:
+            task = asyncio.ensure_future(waiter())
+            await asyncio.sleep(0.05)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                return True
+            return False
+
+        assert asyncio.run(cancelled())
+        assert not sp.done()  # cancelling the waiter does not end the splice
+
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(waiter())
+        loop.run_until_complete(asyncio.sleep(0.05))
+        task.cancel()
+        loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
+        loop.close()  # the splice ends after its loop is gone: the worker must not mind
+        sp.unsplice()
+        assert sp.wait(5) is EndReason.UNSPLICED
+        link.peer_src.sendall(b"still served")
+        sp2 = pool.splice(link.src, link.dst)
+        assert recv_exact(link.peer_dst, 12) == b"still served"
+        sp2.unsplice()
+        assert sp2.wait(5) is EndReason.UNSPLICED
+    finally:
+        pool.close()
+        link.close()
