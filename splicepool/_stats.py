@@ -13,8 +13,8 @@ import threading
 import time
 
 from .server import (
-    _ACCEPT_BURST,
-    _EMFILE_BACKOFF,
+    ACCEPT_BURST,
+    EMFILE_BACKOFF,
     OutOfFds,
     accept_nowait,
     format_addr,
@@ -160,14 +160,14 @@ class StatsServer:
         return len(self._conns) < self.max_conns or any(c.out is None for c in self._conns.values())
 
     def _accept(self) -> None:
-        for _ in range(_ACCEPT_BURST):
+        for _ in range(ACCEPT_BURST):
             if not self._room():
                 return
             try:
                 got = accept_nowait(self._sock)
             except OutOfFds as exc:
-                log.warning("stats: accept: %s; pausing for %.1f s", exc, _EMFILE_BACKOFF)
-                self._paused_until = time.monotonic() + _EMFILE_BACKOFF
+                log.warning("stats: accept: %s; pausing for %.1f s", exc, EMFILE_BACKOFF)
+                self._paused_until = time.monotonic() + EMFILE_BACKOFF
                 self._set_accepting(False)
                 return
             if got is None:

@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("splicepool.proxy")
 
-_ACCEPT_BURST = 64  # connections accepted per wakeup before looking at the rest
-_EMFILE_BACKOFF = 0.1  # seconds without accepting after running out of fds
+ACCEPT_BURST = 64  # connections accepted per wakeup before looking at the rest
+EMFILE_BACKOFF = 0.1  # seconds without accepting after running out of fds
 _MAX_WAIT = 3600.0  # the longest single selector wait: epoll's limit is ~24.8 days, inf overflows
 
 
@@ -339,14 +339,14 @@ class ProxyServer:
 
     # -- accepting and connecting ------------------------------------------------
     def _accept(self) -> None:
-        for _ in range(_ACCEPT_BURST):
+        for _ in range(ACCEPT_BURST):
             if self._full():
                 return
             try:
                 got = accept_nowait(self.listener)
             except OutOfFds as exc:
-                log.warning("accept: %s; pausing accepts for %.1f s", exc, _EMFILE_BACKOFF)
-                self._paused_until = time.monotonic() + _EMFILE_BACKOFF
+                log.warning("accept: %s; pausing accepts for %.1f s", exc, EMFILE_BACKOFF)
+                self._paused_until = time.monotonic() + EMFILE_BACKOFF
                 self._set_accepting(False)
                 return
             if got is None:
@@ -373,7 +373,7 @@ class ProxyServer:
                 log.warning("conn %d %s: no socket for upstream (%s); closed", conn.id, conn.peer, exc.strerror)
                 conn.client.close()
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    self._paused_until = time.monotonic() + _EMFILE_BACKOFF
+                    self._paused_until = time.monotonic() + EMFILE_BACKOFF
                 return
             up.setblocking(False)
             if self.nodelay:
