@@ -14,8 +14,8 @@ import errno
 import os
 import sys
 
-from . import _checks, _hub, _native
-from ._checks import SockInfo, oserror
+from . import _sockets, _hub, _native
+from ._sockets import SockInfo, oserror
 from .splice import LIVE_STATES, EndReason, Splice, SpliceState
 from .worker import Worker
 from .xfer import HAVE_SPLICE
@@ -83,7 +83,7 @@ class Endpoint:
         self.src_of: Splice | None = None  # the live splice reading from it
         self.drain_of: Splice | None = None  # the splice (not done) writing into it
         self.was_blocking = os.get_blocking(fd)
-        self.sock = _checks.wrap(fd)
+        self.sock = _sockets.wrap(fd)
         try:
             self.sock.setblocking(False)
         except BaseException:
@@ -269,18 +269,18 @@ class SplicePool:
         of one TCP connection, ``TypeError`` for bad types, ``RuntimeError`` if the pool
         is closed; a failed call changes nothing.
         """
-        src_fd = _checks.fileno_of(src, "source")
+        src_fd = _sockets.fileno_of(src, "source")
         if isinstance(dst, int) and not isinstance(dst, bool) and dst < 0:
             return self.unsplice(src)
-        dst_fd = _checks.fileno_of(dst, "drain")
-        max = _checks.check_max(max)
-        idle = _checks.check_idle(idle)
+        dst_fd = _sockets.fileno_of(dst, "drain")
+        max = _sockets.check_max(max)
+        idle = _sockets.check_idle(idle)
         self._check_open()
-        src_info = _checks.probe(src, src_fd, "source")
-        dst_info = _checks.probe(dst, dst_fd, "drain")
-        _checks.validate_limits(max, idle)
-        _checks.check_spliceable(src_info)
-        _checks.check_spliceable(dst_info)
+        src_info = _sockets.probe(src, src_fd, "source")
+        dst_info = _sockets.probe(dst, dst_fd, "drain")
+        _sockets.validate_limits(max, idle)
+        _sockets.check_spliceable(src_info)
+        _sockets.check_spliceable(dst_info)
         with self._lock:
             self._check_open()
             self._check_free(src_info, dst_info)
@@ -295,15 +295,15 @@ class SplicePool:
 
     def _check_free(self, src_info: SockInfo, dst_info: SockInfo) -> None:
         """The checks that depend on the sockets' state and the pool's (lock held)."""
-        _checks.check_endpoint(src_info, accept_connecting=True)
+        _sockets.check_endpoint(src_info, accept_connecting=True)
         busy = self._role(src_info.key, "src_of")
         if busy is not None:
             raise oserror(errno.EBUSY, f"{src_info.label} is already spliced (to drain {busy._dst.label})")
-        _checks.check_endpoint(dst_info, accept_connecting=True)
+        _sockets.check_endpoint(dst_info, accept_connecting=True)
         busy = self._role(dst_info.key, "drain_of")
         if busy is not None:
             raise oserror(errno.EBUSY, f"{dst_info.label} is already the drain of source {busy._src.label}")
-        _checks.check_loop(src_info, dst_info)
+        _sockets.check_loop(src_info, dst_info)
 
     def _prepare(
         self, src: Any, src_info: SockInfo, dst: Any, dst_info: SockInfo, close: bool, index: int | None = None
@@ -404,7 +404,7 @@ class SplicePool:
                 except OSError as exc:
                     raise oserror(exc.errno or errno.EMFILE, f"cannot duplicate {info.label}") from exc
                 try:
-                    if _checks.socket_key(fd) != info.key:
+                    if _sockets.socket_key(fd) != info.key:
                         raise oserror(errno.EBADF, f"{info.label} was closed during the call")
                     ep = Endpoint(info, fd, dup=True)
                 except BaseException:
@@ -448,9 +448,9 @@ class SplicePool:
         ENOTCONN if ``src`` is not a spliced source, ``RuntimeError`` if the pool
         is closed.
         """
-        src_fd = _checks.fileno_of(src, "source")
+        src_fd = _sockets.fileno_of(src, "source")
         self._check_open()
-        info = _checks.probe(src, src_fd, "source")
+        info = _sockets.probe(src, src_fd, "source")
         if info.listening:
             raise oserror(errno.EINVAL, f"{info.label} is listening: nothing to unsplice")
         with self._lock:
@@ -533,9 +533,9 @@ class SplicePool:
         The running total while spliced, the final total after it ended, 0 if
         never spliced. Raises ``OSError`` EBADF if ``src`` is not open.
         """
-        fd = _checks.fileno_of(src, "source")
+        fd = _sockets.fileno_of(src, "source")
         try:
-            key = _checks.socket_key(fd)
+            key = _sockets.socket_key(fd)
         except (OSError, OverflowError) as exc:
             raise oserror(errno.EBADF, f"source fd {fd} is not an open file descriptor") from exc
         with self._lock:
@@ -565,7 +565,7 @@ class SplicePool:
         stale = []
         for key, (fd, _sp) in self._records.items():
             try:
-                if fd < 0 or _checks.socket_key(fd) != key:
+                if fd < 0 or _sockets.socket_key(fd) != key:
                     stale.append(key)
             except OSError:
                 stale.append(key)

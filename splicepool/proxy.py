@@ -18,8 +18,8 @@ import socket
 import struct
 from collections.abc import Generator
 
-from . import _checks
-from ._checks import oserror
+from . import _sockets
+from ._sockets import oserror
 from .pool import _detach
 from .splice import _DONE_LOCK, LIVE_STATES, EndReason, Splice, _Waitable
 
@@ -158,17 +158,17 @@ def proxy(
     wait: bool = True,
 ) -> Proxy:
     """Relay ``a`` ⇄ ``b`` on ``pool``; see ``SplicePool.proxy``."""
-    a_fd = _checks.fileno_of(a, "a")
-    b_fd = _checks.fileno_of(b, "b")
-    idle = _checks.check_idle(idle)
+    a_fd = _sockets.fileno_of(a, "a")
+    b_fd = _sockets.fileno_of(b, "b")
+    idle = _sockets.check_idle(idle)
     pool._check_open()
-    a_info = _checks.probe(a, a_fd, "a")
-    b_info = _checks.probe(b, b_fd, "b")
-    _checks.validate_limits(0, idle)
+    a_info = _sockets.probe(a, a_fd, "a")
+    b_info = _sockets.probe(b, b_fd, "b")
+    _sockets.validate_limits(0, idle)
     if a_info.key == b_info.key:
         raise oserror(errno.EINVAL, f"{a_info.label} and {b_info.label} are one socket: a proxy joins two")
-    _checks.check_spliceable(a_info)
-    _checks.check_spliceable(b_info)
+    _sockets.check_spliceable(a_info)
+    _sockets.check_spliceable(b_info)
     relay = Proxy(pool, half_close)
     with pool._lock:
         pool._check_open()

@@ -41,7 +41,7 @@ from conftest import (
     until,
 )
 
-from splicepool import EndReason, SplicePool, SpliceState, _checks
+from splicepool import EndReason, SplicePool, SpliceState, _sockets
 
 MiB = 1 << 20
 HAVE_SPLICE = hasattr(os, "splice")
@@ -123,7 +123,7 @@ def fd_is_open(fd: int) -> bool:
 def socket_key(sock_or_fd) -> int:
     """The pool's key for a socket (its inode number), as pool.py keys its books."""
     fd = sock_or_fd if isinstance(sock_or_fd, int) else sock_or_fd.fileno()
-    return _checks.socket_key(fd)
+    return _sockets.socket_key(fd)
 
 
 # -- resets ---------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from splicepool import EndReason, SplicePool, SpliceState, _checks
+from splicepool import EndReason, SplicePool, SpliceState, _sockets
 from splicepool.splice import LIVE_STATES
 
 S = SpliceState
@@ -46,7 +46,7 @@ SETTLE = 5.0  # seconds a step may take to reach a quiet state
 
 def key_of(fd: int) -> int:
     """The pool's key for the socket behind ``fd`` (its inode number)."""
-    return _checks.socket_key(fd)
+    return _sockets.socket_key(fd)
 
 
 
