@@ -24,8 +24,12 @@ test: install
 demo: install
 	$(PY) -m splicepool.demo
 
+# ruff, then the module layering (the import contracts in pyproject.toml), then no module
+# using another module's private names.
 lint: install
-	$(PY) -m ruff check splicepool tests examples
+	$(PY) -m ruff check splicepool tests examples tools
+	$(VENV)/bin/lint-imports --no-logo
+	$(PY) tools/check_private.py splicepool
 
 soak: install
 	SPLICEPOOL_SOAK=1 $(PY) -m pytest -q -m soak --timeout=1800
