@@ -11,11 +11,9 @@ source is moved into the drain by a worker thread, zero-copy on Linux
 
 from __future__ import annotations
 
-import atexit
-
-from . import _native
-from .pool import SplicePool
-from .proxy import Proxy, peer_gone
+from . import gevent as _gevent  # noqa: F401  # installs its hooks; never imports gevent itself
+from .pool import SplicePool, default_pool
+from .relay import Proxy, peer_gone
 from .splice import EndReason, Splice, SpliceState
 
 TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
@@ -38,22 +36,6 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-_default: SplicePool | None = None
-_default_lock = _native.allocate_lock()
-
-
-def default_pool() -> SplicePool:
-    """The pool behind the module-level functions: created on first use, closed at exit."""
-    global _default
-    pool = _default
-    if pool is not None and not pool.closed:
-        return pool
-    with _default_lock:
-        if _default is None or _default.closed:
-            _default = SplicePool()
-        return _default
-
-
 def splice(src: Any, dst: Any, max: int = 0, idle: float | None = None, close: bool = False) -> Splice:
     """``default_pool().splice(...)``: see ``SplicePool.splice``."""
     return default_pool().splice(src, dst, max=max, idle=idle, close=close)
@@ -66,7 +48,7 @@ def unsplice(src: Any) -> Splice:
 
 def transferred(src: Any) -> int:
     """``default_pool().transferred(src)``: bytes moved by ``src``'s most recent splice."""
-    pool = _default
+    pool = default_pool(create=False)
     return 0 if pool is None else pool.transferred(src)
 
 
@@ -81,10 +63,3 @@ def proxy(
 ) -> Proxy:
     """Relay ``a`` ⇄ ``b`` on ``pool`` (default: the default pool); see ``SplicePool.proxy``."""
     return (pool or default_pool()).proxy(a, b, idle=idle, half_close=half_close, wait=wait)
-
-
-@atexit.register
-def _close_default() -> None:
-    pool = _default
-    if pool is not None:
-        pool.close()

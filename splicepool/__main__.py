@@ -321,7 +321,7 @@ def run_processes(args: argparse.Namespace) -> int:
                 log.exception("process %d failed", index)
             finally:
                 logging.shutdown()
-                os._exit(status)
+                os._exit(status)  # private-ok: os._exit is public; a forked child must not run atexit
         pids[pid] = index
         started[index] = time.monotonic()
         log.info("process %d started: pid %d", index, pid)

@@ -17,16 +17,13 @@ Everything here runs in the hub's thread: use such a pool from that thread.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gevent
 import gevent.event
 
-from . import _hub
-from .worker import Worker
-
-if TYPE_CHECKING:
-    from .pool import SplicePool
+from . import _hub, _native
+from .engine import Worker
 
 _READ = 1  # libev/libuv event bits, as gevent's loop.io() takes them
 _WRITE = 2
@@ -37,44 +34,59 @@ class GeventHub:
 
     def __init__(self) -> None:
         self._loop = gevent.get_hub().loop
-        self._watchers: dict[int, tuple[Any, Any]] = {}
-        self._pending: dict[int, int] = {}
+        self._watchers: dict[int, tuple[Any, Any, Any]] = {}  # fd -> (read, write, data)
+        self._pending: dict[Any, int] = {}  # data -> flags
         self._event = gevent.event.Event()
         self._async = self._loop.async_()  # wake() is safe from any thread
         self._async.start(self._event.set)
         self.direct: Any = None  # set by a direct-dispatch worker: fn(fd, flags)
 
-    def add(self, fd: int) -> None:
+    def add(self, fd: int, data: Any) -> None:
         loop = self._loop
-        self._watchers[fd] = (loop.io(fd, _READ), loop.io(fd, _WRITE))
+        self._watchers[fd] = (loop.io(fd, _READ), loop.io(fd, _WRITE), data)
 
     def remove(self, fd: int) -> None:
-        pair = self._watchers.pop(fd, None)
-        self._pending.pop(fd, None)
-        if pair is not None:
-            for watcher in pair:
+        entry = self._watchers.pop(fd, None)
+        if entry is not None:
+            self._pending.pop(entry[2], None)
+            for watcher in entry[:2]:
                 watcher.stop()
                 watcher.close()
 
     def interest(self, fd: int, read: bool, write: bool) -> None:
-        pair = self._watchers.get(fd)
-        if pair is None:
+        entry = self._watchers.get(fd)
+        if entry is None:
             return
-        for watcher, want, flag in ((pair[0], read, _hub.IN), (pair[1], write, _hub.WRITE)):
+        data = entry[2]
+        for watcher, want, flag in ((entry[0], read, _hub.IN), (entry[1], write, _hub.WRITE)):
             if want and not watcher.active:
-                watcher.start(self._ready, fd, flag)
+                watcher.start(self._ready, data, flag)
             elif not want and watcher.active:
                 watcher.stop()
 
-    def _ready(self, fd: int, flag: int) -> None:
+    def _ready(self, data: Any, flag: int) -> None:
         """io watcher callback (in the hub greenlet)."""
         if self.direct is not None:
-            self.direct(fd, flag)
+            self.direct(data, flag)
             return
-        self._pending[fd] = self._pending.get(fd, 0) | flag
+        self._pending[data] = self._pending.get(data, 0) | flag
         self._event.set()
 
-    def poll(self, timeout: float | None) -> list[tuple[int, int]]:
+    def get(self, fd: int) -> Any:
+        entry = self._watchers.get(fd)
+        return entry[2] if entry is not None else None
+
+    def watched(self) -> list[Any]:
+        return [entry[2] for entry in self._watchers.values()]
+
+    def __len__(self) -> int:
+        return len(self._watchers)
+
+    def kick(self) -> None:
+        """Make the worker greenlet's next ``poll`` return (from the hub greenlet)."""
+        self._event.set()
+
+    def poll(self, timeout: float | None) -> list[tuple[Any, int]]:
         if not self._pending:
             if timeout == 0:
                 gevent.sleep(0)  # a bounded round of passes is done: let the hub run
@@ -98,8 +110,9 @@ class GeventHub:
 class GeventWorker(Worker):
     """A worker greenlet: the same loop as a worker thread, on a GeventHub."""
 
-    def __init__(self, pool: SplicePool, index: int, direct: bool = False) -> None:
-        super().__init__(pool, index, GeventHub())
+    def __init__(self, index: int, options: Any, registry: Any, listener: Any, peers: Any,
+                 direct: bool = False) -> None:
+        super().__init__(index, options, registry, listener, peers, GeventHub())
         self._greenlet: Any = None
         self._hub_greenlet: Any = None
         if direct:
@@ -118,18 +131,19 @@ class GeventWorker(Worker):
         current = gevent.getcurrent()
         return (current is self._greenlet and current is not None) or current is self._hub_greenlet
 
-    def _direct(self, fd: int, flag: int) -> None:
+    def _direct(self, ep: Any, flag: int) -> None:
         """Direct dispatch: run the pass in the io callback, no switch to the worker."""
-        ep = self.fds.get(fd)
-        if ep is None:
+        if self.hub.get(ep.fd) is not ep:
             return
         self.wakeups += 1
+        self.xfer.now = _native.monotonic()
         ready = self.ready
         mark = len(ready)
-        self._dispatch(ep, flag)
-        while len(ready) > mark:  # the splices this event made ready; older ones wait their turn
-            sp = ready.pop()
-            sp._queued = False
-            self._xfer(sp)
+        self.dispatch(ep, flag)
+        # The splices this event made ready, once each; older ones, and a pass that used
+        # its budget and was requeued, wait their turn in the worker greenlet.
+        made = [ready.pop() for _ in range(len(ready) - mark)]
+        for sp in reversed(made):
+            self.run_one(sp)
         if ready:
-            self.hub._event.set()  # requeued passes continue in the worker greenlet
+            self.hub.kick()  # requeued passes continue in the worker greenlet

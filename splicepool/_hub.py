@@ -2,17 +2,20 @@
 
 One contract, several mechanisms (as CPython's ``selectors`` does it):
 
-* ``add(fd)`` starts watching a socket fd, ``remove(fd)`` stops (always
+* ``add(fd, data)`` starts watching a socket fd, ``remove(fd)`` stops (always
   before the fd is closed: epoll keys on the open file, which a dup keeps alive).
+  ``data`` is what ``poll`` returns for the fd, as ``selectors`` returns a key's
+  ``data`` (the worker registers the socket's endpoint). ``get(fd)`` is the data
+  of a watched fd (None if it is not watched), ``watched()`` all of them, and
+  ``len(hub)`` how many fds it watches: the hub's map is the worker's only one.
 * ``interest(fd, read, write)`` says what the worker now waits for on ``fd``.
   Turning ``write`` on must guarantee a later wakeup once the fd is writable.
-* ``poll(timeout)`` returns ``[(fd, flags)]``; ``timeout`` None sleeps until
-  woken. ``flags`` are epoll's bits (Linux's numbers on every system), so the
-  epoll hub hands over the kernel's list as it is; test them with the masks
+* ``poll(timeout)`` returns ``[(data, flags)]``; ``timeout`` None sleeps until
+  woken. ``flags`` are epoll's bits (Linux's numbers on every system); test them
+  with the masks
   ``READ`` (worth reading: data, FIN, urgent data or error), ``WRITE``, ``ERROR``
   (error or hang-up), ``HANGUP`` (FIN or error: epoll only) and ``URGENT`` (TCP
-  urgent data: epoll only). Level-triggered hubs report ``IN`` and ``WRITE`` only. The list may hold the hub's own waker fd,
-  which no caller watches: callers skip fds they did not add.
+  urgent data: epoll only). Level-triggered hubs report ``IN`` and ``WRITE`` only.
 * ``wake()`` may be called from any thread and makes ``poll`` return soon.
 * ``close()`` releases the hub's own fds.
 
@@ -97,12 +100,24 @@ class EpollHub:
         self._ep = _native.epoll()
         self._waker = _Waker()
         self._ep.register(self._waker.rfd, select.EPOLLIN)
+        self._data: dict[int, Any] = {}
         self.wake = self._waker.wake
 
-    def add(self, fd: int) -> None:
+    def add(self, fd: int, data: Any) -> None:
         self._ep.register(fd, self._MASK)
+        self._data[fd] = data
+
+    def get(self, fd: int) -> Any:
+        return self._data.get(fd)
+
+    def watched(self) -> list[Any]:
+        return list(self._data.values())
+
+    def __len__(self) -> int:
+        return len(self._data)
 
     def remove(self, fd: int) -> None:
+        self._data.pop(fd, None)
         try:
             self._ep.unregister(fd)
         except (OSError, ValueError):
@@ -115,14 +130,20 @@ class EpollHub:
             # already writable, the event is queued now. No wakeup is lost.
             self._ep.modify(fd, self._MASK)
 
-    def poll(self, timeout: float | None) -> list[tuple[int, int]]:
+    def poll(self, timeout: float | None) -> list[tuple[Any, int]]:
         events = self._ep.poll(-1 if timeout is None else timeout, 512)
+        if not events:
+            return events
+        data = self._data
         wfd = self._waker.rfd
-        for fd, _ in events:  # the waker's own event is left in: its fd is no socket's
-            if fd == wfd:
+        out = []
+        for fd, flags in events:
+            ep = data.get(fd)
+            if ep is not None:
+                out.append((ep, flags))
+            elif fd == wfd:
                 self._waker.consume()
-                break
-        return events
+        return out
 
     def close(self) -> None:
         self._ep.close()
@@ -137,12 +158,24 @@ class SelectorHub:
         self._waker = _Waker()
         self._sel.register(self._waker.rfd, selectors.EVENT_READ)
         self._mask: dict[int, int] = {}
+        self._data: dict[int, Any] = {}
         self.wake = self._waker.wake
 
-    def add(self, fd: int) -> None:
+    def add(self, fd: int, data: Any) -> None:
         self._mask[fd] = 0
+        self._data[fd] = data
+
+    def get(self, fd: int) -> Any:
+        return self._data.get(fd)
+
+    def watched(self) -> list[Any]:
+        return list(self._data.values())
+
+    def __len__(self) -> int:
+        return len(self._data)
 
     def remove(self, fd: int) -> None:
+        self._data.pop(fd, None)
         if self._mask.pop(fd, 0):
             self._sel.unregister(fd)
 
@@ -153,13 +186,13 @@ class SelectorHub:
             return
         self._mask[fd] = new
         if not old:
-            self._sel.register(fd, new)
+            self._sel.register(fd, new, self._data[fd])
         elif not new:
             self._sel.unregister(fd)
         else:
-            self._sel.modify(fd, new)
+            self._sel.modify(fd, new, self._data[fd])
 
-    def poll(self, timeout: float | None) -> list[tuple[int, int]]:
+    def poll(self, timeout: float | None) -> list[tuple[Any, int]]:
         out = []
         wfd = self._waker.rfd
         for key, ev in self._sel.select(timeout):
@@ -169,7 +202,7 @@ class SelectorHub:
             flags = (IN if ev & selectors.EVENT_READ else 0) | (
                 WRITE if ev & selectors.EVENT_WRITE else 0
             )
-            out.append((key.fd, flags))
+            out.append((key.data, flags))
         return out
 
     def close(self) -> None:

@@ -45,6 +45,32 @@ _set_sentinel = getattr(_thread, "_set_sentinel", None)  # Python <= 3.12
 epoll = _original("select", "epoll", getattr(select, "epoll", None))
 
 
+class Hooks:
+    """What an adapter installs so the core works inside its event loop, without importing it.
+
+    ``splicepool.gevent`` fills these in when it is imported (the package imports it;
+    it never imports gevent itself, and each hook does nothing until gevent is in use).
+    The core only calls them, and only when set.
+    """
+
+    __slots__ = ("cooperative_wait", "report", "in_hub_greenlet", "adopt_hub")
+
+    def __init__(self) -> None:
+        # cooperative_wait(event, timeout) -> bool | None: wait by yielding to this thread's
+        # event loop, None if this thread runs none.
+        self.cooperative_wait: Any = None
+        # report(level, msg, args, exc_info) -> bool: a log record from a worker, handed to
+        # a thread where logging is safe; False if the caller may log itself.
+        self.report: Any = None
+        # in_hub_greenlet() -> bool: in a loop callback, which must never block or switch out.
+        self.in_hub_greenlet: Any = None
+        # adopt_hub(): where a pool is made, note this thread's loop for worker log records.
+        self.adopt_hub: Any = None
+
+
+hooks = Hooks()
+
+
 class Event:
     """A one-shot event on a native lock: ``set()`` from any thread, ``wait()`` from any.
 
@@ -70,13 +96,23 @@ class Event:
     def is_set(self) -> bool:
         return self._set
 
+    def notify(self, fn: Any) -> None:
+        """Call ``fn()`` (thread-safe, short) from ``set()``: how a loop adapter wakes its waiter."""
+        self._notify.append(fn)
+
+    def forget(self, fn: Any) -> None:
+        """Stop calling ``fn`` (no error if it was not there)."""
+        try:
+            self._notify.remove(fn)
+        except ValueError:
+            pass
+
     def wait(self, timeout: float | None = None) -> bool:
         if self._set:
             return True
-        if "gevent" in sys.modules:
-            from .gevent import cooperative_wait
-
-            done = cooperative_wait(self, timeout)
+        wait = hooks.cooperative_wait
+        if wait is not None:
+            done = wait(self, timeout)
             if done is not None:
                 return done
         if timeout is None:
@@ -93,15 +129,12 @@ def report(level: int, msg: str, *args: Any, exc_info: bool = False) -> None:
 
     Under gevent's ``patch_all()`` the ``logging`` module's locks are greenlet
     locks that a native thread must not take; the record is then handed to the
-    hub thread (``splicepool.gevent``) or, failing that, written to stderr.
+    hub thread (``hooks.report``, installed by ``splicepool.gevent``) or, failing that,
+    written to stderr.
     """
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None and monkey.is_module_patched("threading"):
-        from .gevent import in_hub_thread, report_from_thread
-
-        if not in_hub_thread():
-            report_from_thread(level, msg, args, exc_info)
-            return
+    hook = hooks.report
+    if hook is not None and hook(level, msg, args, exc_info):
+        return
     import logging
 
     logging.getLogger("splicepool").log(level, msg, *args, exc_info=exc_info)

@@ -262,3 +262,137 @@ def check_endpoint(info: SockInfo, *, accept_connecting: bool) -> None:
     if info.connected or (accept_connecting and info.connecting):
         return
     raise oserror(errno.ENOTCONN, f"{info.label} is not connected")
+
+
+def detach(*objs: Any) -> None:
+    """The pool owns these sockets now: make their objects forget the fds."""
+    for obj in objs:
+        if not isinstance(obj, int) and hasattr(obj, "detach"):
+            obj.detach()
+
+
+# -- a spliced socket at run time ----------------------------------------------------------
+# ``ep`` below is the registry's endpoint of a socket: ``fd``, ``sock`` (a non-blocking
+# ``_socket.socket``), ``label``, and what the worker learned of it (``error``, ``outq``,
+# ``sndbuf``, ``sndbuf_age``, ``space``, ``urgent``).
+
+_SIOCOUTQ = 0x5411  # Linux: bytes in a socket's send queue (unsent + unacked)
+_SIOCATMARK = 0x8905  # is the next byte to read at the TCP urgent mark?
+_SNDBUF_REFRESH = 32  # passes between re-reads of the drain's SO_SNDBUF (TCP autotuning grows it)
+_LOW_WATER_MAX = 64 * 1024  # below this much drain space (and less than wanted), wait for the drain
+MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+UNKNOWN_SPACE = 1 << 62  # the drain's free space, where it cannot be known
+# Errnos that say a socket is already shut or failed, not why: a read or write after
+# another one took the socket's error (reading clears it, as SO_ERROR does).
+_AFTERMATH = frozenset((errno.ENOTCONN, errno.EPIPE))
+
+try:
+    import fcntl
+
+    _ioctl: Any = fcntl.ioctl
+except ImportError:  # pragma: no cover - not POSIX
+    _ioctl = None
+
+
+def socket_error(ep: Any, exc: OSError | None, side: str) -> OSError:
+    """The error to report for a failed read or write on ``ep``, remembered on ``ep``.
+
+    A socket's pending error is handed to the first call that meets it and then
+    cleared, so the socket's other role (a relay's reverse direction) would see
+    only ENOTCONN or EPIPE: the first error is kept on the endpoint and reported
+    by every later failure on it.
+    """
+    code = exc.errno if exc is not None else 0
+    if ep.error and (not code or code in _AFTERMATH):
+        code = ep.error
+    elif code and code not in _AFTERMATH and not ep.error:
+        ep.error = code
+    code = code or errno.EIO
+    return OSError(code, f"{os.strerror(code)}: {side} {ep.label}")
+
+
+def drain_failure(dst: Any) -> OSError | None:
+    """The drain reported an error or hang-up: its error if it can no longer send, else None."""
+    err = dst.error or dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        dst.error = err  # the socket's other role (a relay's source) must see it too
+        return OSError(err, f"{os.strerror(err)}: drain {dst.label}")
+    try:
+        dst.sock.send(b"", MSG_NOSIGNAL)  # shut for writing (shutdown() by its owner)?
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        return socket_error(dst, exc, "drain")
+    return None
+
+
+def connect_failure(dst: Any) -> OSError | None:
+    """A drain handed over while connecting: None once connected; its error if the connect
+    failed; ``BlockingIOError`` (raised) while it is still in progress."""
+    try:
+        dst.sock.getpeername()
+    except OSError:
+        err = dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            return OSError(err, f"{errno.errorcode.get(err, err)}: connect failed: drain {dst.label}")
+        raise BlockingIOError(errno.EINPROGRESS, "connect in progress") from None
+    dst.connecting = False
+    return None
+
+
+def send_queue(ep: Any, ioc: Any) -> int:
+    """Bytes in ``ep``'s send queue (SIOCOUTQ: unsent + unacked), or -1 where it cannot be
+    known (then never asked again for that socket). ``ioc``: a one-int ``array``."""
+    if not ep.outq or ep.sock is None:
+        return -1
+    try:
+        _ioctl(ep.fd, _SIOCOUTQ, ioc, True)
+    except OSError:
+        ep.outq = False
+        return -1
+    return ioc[0]
+
+
+def drain_space(dst: Any, want: int, ioc: Any) -> tuple[int, int]:
+    """(free bytes in the drain's send buffer, low-water mark): at least ``want`` if known.
+
+    ``dst.space`` is what SIOCOUTQ said was free (``SO_SNDBUF`` less the send
+    queue), less every byte pushed since: a lower bound, as the queue only
+    shrinks by itself (ACKs). While it covers ``want``, no syscall is needed;
+    small messages skip the ioctl for a whole send buffer's worth of bytes.
+    """
+    if not dst.outq:
+        return (UNKNOWN_SPACE, 0)
+    space = dst.space
+    if space >= want:
+        return (space, 0)
+    age = dst.sndbuf_age
+    if age >= _SNDBUF_REFRESH:
+        dst.sndbuf = dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        age = 0
+    queued = send_queue(dst, ioc)
+    if queued < 0:  # not a socket type that reports it: rely on partial sends
+        return (UNKNOWN_SPACE, 0)
+    space = dst.sndbuf - queued
+    low = dst.sndbuf >> 2
+    if low > _LOW_WATER_MAX:
+        low = _LOW_WATER_MAX
+    if space < low and age:
+        # Before calling the drain full, make sure we are not looking at a stale size.
+        dst.sndbuf = dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        age = 0
+        space = dst.sndbuf - queued
+    dst.sndbuf_age = age + 1
+    dst.space = space
+    return (space, low)
+
+
+def at_mark(src: Any, ioc: Any) -> bool:
+    """Is ``src``'s next byte at a TCP urgent mark? Clears the urgent hint when it is not."""
+    try:
+        _ioctl(src.fd, _SIOCATMARK, ioc, True)
+    except OSError:  # not TCP
+        src.urgent = False
+        return False
+    at = src.urgent = bool(ioc[0])
+    return at

@@ -4,19 +4,24 @@ The worker threads are real OS threads started with the original ``_thread``
 functions, and touch no monkey-patchable API. What crosses back into gevent
 goes through one *completion port* per hub: a thread-safe deque plus the
 hub loop's ``async_`` watcher, whose ``send()`` is the one gevent call that
-is safe from a foreign thread. Importing this module never imports gevent;
-it is used once gevent is in ``sys.modules``.
+is safe from a foreign thread. Importing this module never imports gevent:
+the package imports it, and it installs its hooks into ``_native.hooks``
+(the core never imports it), each of which does nothing until gevent is in
+``sys.modules``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import traceback
+import sys
 from collections import deque
-from typing import Any
 
 from . import _native
+
+TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
+if TYPE_CHECKING:
+    from typing import Any
 
 _ports: dict[int, _Port] = {}  # id(hub) -> its completion port
 _main_port: _Port | None = None  # where worker log records go
@@ -97,7 +102,7 @@ def cooperative_wait(event: _native.Event, timeout: float | None) -> bool | None
     def notify() -> None:  # a worker thread, from event.set()
         port.post(flag.set)
 
-    event._notify.append(notify)
+    event.notify(notify)
     port.hold(+1)
     try:
         if event.is_set():
@@ -106,16 +111,15 @@ def cooperative_wait(event: _native.Event, timeout: float | None) -> bool | None
         return event.is_set()
     finally:
         port.hold(-1)
-        try:
-            event._notify.remove(notify)
-        except ValueError:
-            pass
+        event.forget(notify)
 
 
 def report_from_thread(level: int, msg: str, args: tuple[Any, ...], exc_info: bool) -> None:
     """A worker's log record, emitted by the hub thread (never logging in the worker)."""
     text = msg % args if args else msg
     if exc_info:
+        import traceback
+
         text += "\n" + traceback.format_exc().rstrip()
     port = _main_port
     if port is not None and port.hub.loop is not None:
@@ -133,6 +137,35 @@ def adopt_current_hub() -> None:
     if hub is not None:
         _port(hub)
 
+
+def _cooperative_wait(event: _native.Event, timeout: float | None) -> bool | None:
+    if "gevent" not in sys.modules:
+        return None
+    return cooperative_wait(event, timeout)
+
+
+def _report(level: int, msg: str, args: tuple[Any, ...], exc_info: bool) -> bool:
+    """A worker thread must not take patched logging locks: hand the record to the hub."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or not monkey.is_module_patched("threading") or in_hub_thread():
+        return False
+    report_from_thread(level, msg, args, exc_info)
+    return True
+
+
+def _in_hub_greenlet() -> bool:
+    return "gevent" in sys.modules and in_hub_greenlet()
+
+
+def _adopt_hub() -> None:
+    if "gevent" in sys.modules:
+        adopt_current_hub()
+
+
+_native.hooks.cooperative_wait = _cooperative_wait
+_native.hooks.report = _report
+_native.hooks.in_hub_greenlet = _in_hub_greenlet
+_native.hooks.adopt_hub = _adopt_hub
 
 __all__ = [
     "adopt_current_hub",

@@ -21,13 +21,12 @@ from collections import deque
 from collections.abc import Callable
 
 from .pool import SplicePool
-from .proxy import Proxy
+from .relay import Proxy
 
 TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
 if TYPE_CHECKING:
     from typing import Any
 
-    from ._stats import StatsServer
 
 log = logging.getLogger("splicepool.proxy")
 
@@ -633,14 +632,6 @@ class ProxyServer:
             [(f'{{worker="{w["index"]}"}}', w["live"]) for w in workers],
         )
         return "\n".join(lines) + "\n"
-
-    def serve_stats(self, address: tuple[str, int]) -> StatsServer:
-        """Serve ``/stats`` (JSON) and ``/metrics`` (Prometheus) from a daemon thread."""
-        from ._stats import StatsServer  # only here: a proxy without stats does not load it
-
-        stats = StatsServer(address)
-        stats.start(self)
-        return stats
 
 
 class OutOfFds(Exception):

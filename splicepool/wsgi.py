@@ -31,7 +31,8 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from . import default_pool, peer_gone
+from .pool import default_pool
+from .relay import peer_gone
 
 if TYPE_CHECKING:
     from .pool import SplicePool

@@ -25,16 +25,26 @@ Both movers keep one contract, which the worker's xfer pass relies on:
 A splice chooses its mover once; it changes only from zero-copy to copy, and
 only when nothing is pending (a socket ``os.splice`` refuses, or no pipe can
 be had because the process is out of fds).
+
+``Xfer`` is a worker's transfer context (FreeBSD's ``so_splice_xfer``): its
+pipes, buffers and spare movers, and the passes. ``run_pass`` moves bytes for
+one splice until the source is drained, the drain is full, the budget is
+spent or the splice ends, and says which as an *outcome*; ``small_pass`` is
+the same for one small read at the event (direct dispatch), ``flush`` pushes
+an ended splice's leftover. A pass never changes a splice's phase and never
+ends it: the engine does, from the outcome.
 """
 
 from __future__ import annotations
 
+import array
 import errno
+import logging
 import os
-import socket
 import sys
 
-from . import _native
+from . import _native, _sockets
+from ._sockets import MSG_NOSIGNAL, drain_space, socket_error
 
 TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
 if TYPE_CHECKING:
@@ -50,7 +60,6 @@ HAVE_SPLICE = sys.platform.startswith("linux") and hasattr(os, "splice")
 _NOT_SPLICEABLE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP}
 # Errors that mean "no pipe now": the copy path still works.
 _NO_PIPE = {errno.EMFILE, errno.ENFILE, errno.ENOMEM}
-_MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 
 class NotSpliceable(Exception):
@@ -148,7 +157,7 @@ class _Copied:
     def _push_copied(self, dst: Any) -> int:
         left = self._left
         try:
-            sent = dst.sock.send(left, _MSG_NOSIGNAL)
+            sent = dst.sock.send(left, MSG_NOSIGNAL)
         except BaseException:
             self.hold(left, 0)
             raise
@@ -281,3 +290,288 @@ class CopyMover(_Copied):
     def release(self) -> None:
         pass
 
+
+
+# -- passes --------------------------------------------------------------------------------
+# Outcomes of a pass: what the splice waits for next, or why it ended.
+WAIT_SOURCE = 0  # the source is drained
+WAIT_DRAIN = 1  # the drain is full (a leftover may be held)
+REQUEUE = 2  # the budget is spent: another pass after the other ready splices
+MORE = 3  # a small read filled its buffer: a queued pass streams the rest
+EOF = 4
+MAX = 5
+ERROR = 6  # the source is at EOF, but another call took its error (Xfer.error)
+SOURCE_FAILED = 7  # reading failed (Xfer.error); the socket's other role must look at it
+DRAIN_FAILED = 8  # writing failed (Xfer.error): the leftover is lost
+
+# Why a queued pass runs (the phase it was queued in).
+FRESH = 1  # a read event that saw no FIN or error queued it
+WOKE_FOR_DRAIN = 2  # the drain reported space
+CHECK_DRAIN = 4  # the drain reported an error or hang-up
+
+_SPARE_MOVERS = 64  # idle movers a worker keeps for its next passes
+
+
+class Xfer:
+    """A worker's transfer context: its pipes, buffers, spare movers and counters."""
+
+    def __init__(self, pipe_size: int, copy_size: int, small_copy: int) -> None:
+        self.pipes = PipePool(pipe_size)
+        self.budget = max(pipe_size, 256 * 1024) * 2  # bytes per pass, then requeue
+        self.copy_size = copy_size
+        self.small_copy = small_copy
+        self.copybuf: memoryview | None = None
+        self.small: memoryview | None = None  # made with the first zero-copy mover
+        self.spare_zc: list[ZeroCopyMover] = []
+        self.spare_copy: list[CopyMover] = []
+        self.ioc = array.array("i", [0])
+        self.now = 0.0  # the worker's clock, read once per wakeup
+        self.error: OSError | None = None  # the error of the last *_FAILED or ERROR outcome
+        # Counters for stats(); written by this worker only.
+        self.passes = 0
+        self.bytes = 0
+        self.zero_copy = 0  # splices taken up on each path
+        self.copy = 0
+
+    # -- movers: one per splice while it has bytes in flight or a pass running ------------
+    def checkout(self, sp: Any) -> Any:
+        """Give ``sp`` a mover for a pass (an idle splice holds none, nor its pipe)."""
+        if sp.copy:
+            spare = self.spare_copy
+            mover = spare.pop() if spare else CopyMover(self.copy_buffer())
+        else:
+            spare = self.spare_zc
+            mover = spare.pop() if spare else ZeroCopyMover(self.pipes, self.small_buffer())
+            mover.copied = not sp.bulk and self.small is not None
+        sp.mover = mover
+        return mover
+
+    def checkin(self, sp: Any) -> None:
+        """Take back ``sp``'s mover once nothing of it is in flight (it keeps it otherwise)."""
+        mover = sp.mover
+        if mover is None or mover.pending:
+            return
+        mover.release()
+        sp.mover = None
+        # The next pass starts where this one left off: small reads (and direct passes) or bulk.
+        if mover.zero_copy:
+            sp.bulk = not mover.copied
+            spare = self.spare_zc
+        else:
+            sp.bulk = not mover.short
+            spare = self.spare_copy
+        if len(spare) < _SPARE_MOVERS:
+            spare.append(mover)
+
+    def small_buffer(self) -> memoryview | None:
+        if self.small is None and self.small_copy:
+            self.small = memoryview(bytearray(self.small_copy))
+        return self.small
+
+    def copy_buffer(self) -> memoryview:
+        if self.copybuf is None:
+            self.copybuf = memoryview(bytearray(self.copy_size))
+        return self.copybuf
+
+    def to_copy(self, sp: Any, why: BaseException) -> Any:
+        """Switch a splice to the copy path for good (nothing is pending); its new mover."""
+        _native.report(logging.WARNING, "splicepool: %r falls back to the copy path: %s", sp, why)
+        self.checkin(sp)
+        sp.copy = True
+        self.zero_copy -= 1
+        self.copy += 1
+        return self.checkout(sp)
+
+    def close(self) -> None:
+        self.pipes.close()
+
+    # -- the one byte-accounting helper ---------------------------------------------------
+    def _moved(self, sp: Any, dst: Any, n: int) -> None:
+        """The drain accepted ``n`` bytes of ``sp``."""
+        sp.transferred += n
+        sp.last_move = self.now
+        dst.space -= n
+        self.bytes += n
+
+    def _push(self, sp: Any, mover: Any, dst: Any) -> bool:
+        """Hand the mover's bytes to the drain; False if the drain failed (``error`` set)."""
+        try:
+            sent = mover.push(dst)
+        except BlockingIOError:
+            return True
+        except OSError as exc:
+            self.error = socket_error(dst, exc, "drain")
+            return False
+        self._moved(sp, dst, sent)
+        return True
+
+    def _source_failed(self, src: Any, exc: OSError) -> int:
+        self.error = socket_error(src, exc, "source")
+        return SOURCE_FAILED
+
+    def _source_eof(self, src: Any) -> int:
+        if src.error:  # another call on this socket took its error: it is no EOF
+            self.error = socket_error(src, None, "source")
+            return ERROR
+        return EOF
+
+    # -- the passes --------------------------------------------------------------------
+    def run_pass(self, sp: Any, why: int) -> int:
+        """One bounded pass for ``sp`` (RUNNING); ``why``: FRESH, WOKE_FOR_DRAIN, CHECK_DRAIN bits."""
+        self.passes += 1
+        mover = sp.mover
+        if mover is None:
+            mover = self.checkout(sp)
+        src = sp.src
+        dst = sp.dst
+        if mover.pending:
+            if not self._push(sp, mover, dst):
+                return DRAIN_FAILED
+            if mover.pending:
+                return WAIT_DRAIN
+        if dst.connecting:
+            try:
+                exc = _sockets.connect_failure(dst)
+            except BlockingIOError:
+                return WAIT_DRAIN
+            if exc is not None:
+                self.error = exc
+                return DRAIN_FAILED
+        if why & CHECK_DRAIN:
+            exc = _sockets.drain_failure(dst)
+            if exc is not None:
+                self.error = exc
+                return DRAIN_FAILED
+        woke_for_drain = why & WOKE_FOR_DRAIN
+        fresh = why & FRESH
+        budget = self.budget
+        limit = sp.max
+        taken = sp.taken
+        ioc = self.ioc
+        while True:
+            want = budget
+            if limit:
+                rest = limit - sp.taken
+                if rest <= 0:
+                    return MAX
+                if rest < want:
+                    want = rest
+            cap = mover.capacity()
+            if cap < want:
+                want = cap
+            space, low = drain_space(dst, want, ioc)
+            n = want if space >= want else space
+            if n < low and n < want:
+                if not woke_for_drain:
+                    return WAIT_DRAIN
+                # The drain said it is writable: trust it for one low-water chunk, so an
+                # estimate that lags the kernel can never spin us on drain wakeups.
+                n = min(want, low)
+            woke_for_drain = 0
+            try:
+                try:
+                    got = mover.pull(src, n)
+                except BlockingIOError:
+                    # Drained, or stopped at a TCP urgent mark (suspected after an urgent
+                    # event, or when a woken pass finds nothing at all: a level-triggered
+                    # hub keeps reporting a source stuck there).
+                    if not (src.urgent or sp.taken == taken) or not _sockets.at_mark(src, ioc):
+                        return WAIT_SOURCE
+                    got = mover.step(src, n, self.copy_buffer())
+            except BlockingIOError:
+                return WAIT_SOURCE
+            except NotSpliceable as exc:
+                mover = self.to_copy(sp, exc)
+                continue
+            except OSError as exc:
+                return self._source_failed(src, exc)
+            if not got:
+                return self._source_eof(src)
+            sp.taken += got
+            if not self._push(sp, mover, dst):
+                return DRAIN_FAILED
+            if mover.pending:
+                return WAIT_DRAIN
+            if mover.short and fresh and not src.urgent:
+                # A copy read took less than asked: the source was drained. The event
+                # that queued this pass saw no FIN or error, and anything arriving from
+                # now on raises a new one, so the read that would say EAGAIN is skipped.
+                # (A read also stops short at an urgent mark: never trusted after one.)
+                return WAIT_SOURCE
+            budget -= got
+            if budget <= 0:
+                return REQUEUE
+
+    def can_pass_small(self, sp: Any) -> bool:
+        """Whether a source event may run ``small_pass`` for ``sp`` (WAIT_SOURCE) right away."""
+        small = self.small
+        return (
+            small is not None
+            and sp.mover is None
+            and not sp.bulk
+            and not sp.max
+            and not sp.src.urgent
+            and sp.dst.space >= len(small)
+            and not sp.dst.connecting
+        )
+
+    def small_pass(self, sp: Any) -> int:
+        """A whole pass for one small read, at the event that reported it (direct dispatch).
+
+        For a splice whose source reported data (no FIN, no error), holding nothing
+        in flight, in small-read mode, with no ``max``, whose drain is known to take
+        a small buffer's worth (``can_pass_small``). One ``recv_into`` and one
+        ``send``, no queue: a request or a reply costs two syscalls and little more
+        (FreeBSD's commit calls this direct dispatch). A read that fills the buffer
+        means more is waiting: MORE, and a queued pass goes on.
+        """
+        small = self.small
+        n = len(small)
+        src = sp.src
+        try:
+            got = src.sock.recv_into(small, n)
+        except BlockingIOError:
+            return WAIT_SOURCE
+        except OSError as exc:
+            return self._source_failed(src, exc)
+        if not got:
+            return self._source_eof(src)
+        self.passes += 1
+        sp.taken += got
+        dst = sp.dst
+        data = small[:got]
+        try:
+            sent = dst.sock.send(data, MSG_NOSIGNAL)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.checkout(sp).hold(data, 0)
+            self.error = socket_error(dst, exc, "drain")
+            return DRAIN_FAILED
+        if sent:
+            self._moved(sp, dst, sent)
+        if sent < got:  # the drain took less than its space said: wait for it
+            self.checkout(sp).hold(data, sent)
+            return WAIT_DRAIN
+        if got < n:
+            return WAIT_SOURCE  # the source is drained; its next byte raises a new event
+        sp.bulk = True  # more is waiting: the queued pass streams it through the pipe
+        return MORE
+
+    def flush(self, sp: Any) -> bool:
+        """Push an ended splice's leftover; True once nothing is left (delivered or dropped)."""
+        self.passes += 1
+        mover = sp.mover
+        dst = sp.dst
+        try:
+            moved = mover.push(dst)
+        except BlockingIOError:
+            moved = 0
+        except OSError as exc:
+            if sp.error is None:
+                sp.error = socket_error(dst, exc, "drain")
+            sp.dropped += mover.drop()
+            moved = 0
+        if moved:
+            self._moved(sp, dst, moved)
+        return not mover.pending

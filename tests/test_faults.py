@@ -442,14 +442,14 @@ def test_user_closing_the_source_object_from_another_thread_does_not_end_the_spl
         col = Collector(link.peer_dst, chunk=256 * 1024, delay=0.001)
         sp = pool.splice(link.src, link.dst)
         src_fd = link.src.fileno()
-        dup_fd, key = sp._src.fd, sp._src.key
+        dup_fd, key = sp.src.fd, sp.src.key
         sender = send_in_thread(link.peer_src, data, shut=True)
         assert col.wait_for(MiB)
         closer = threading.Thread(target=link.src.close, daemon=True)
         closer.start()
         closer.join(5)
         assert link.src.fileno() == -1
-        assert until(lambda: not fd_is_open(src_fd) or socket_key(src_fd) != sp._src.key, 5)
+        assert until(lambda: not fd_is_open(src_fd) or socket_key(src_fd) != sp.src.key, 5)
         assert sp.reason is None  # the pool's duplicate keeps it going
         assert sp.wait(30) is EndReason.EOF
         sender.join(10)
@@ -692,7 +692,7 @@ def test_a_crashing_worker_is_reported_ends_its_splices_and_the_pool_keeps_servi
         sender.start()
         col = Collector(link.peer_dst)
         assert col.wait_for(256 * 1024)
-        worker = pool._workers[sp.worker]
+        worker = pool.worker(sp.worker)
 
         def crash(timeout):
             raise RuntimeError("injected worker bug")
@@ -722,7 +722,7 @@ def test_a_crashing_worker_is_reported_ends_its_splices_and_the_pool_keeps_servi
         assert digest(rest) == digest(data[len(data) - len(rest) :])
         # The pool keeps serving: the next splice gets a fresh worker and moves everything.
         sp2 = pool.splice(later.src, later.dst)
-        assert pool._workers[sp2.worker] is not worker
+        assert pool.worker(sp2.worker) is not worker
         more = payload(2 * MiB, 22)
         col2 = Collector(later.peer_dst)
         later.peer_src.sendall(more)
@@ -863,7 +863,7 @@ def test_fd_number_reuse_never_redirects_a_splice():
         with pytest.raises(OSError) as exc:
             pool.unsplice(new_a)
         assert exc.value.errno == errno.ENOTCONN
-        assert list(pool._sources) == [old_keys[0]]
+        assert list(pool.registry.snapshot()[0]) == [old_keys[0]]
         assert sp.reason is None
 
         x = payload(200_000, 11)  # original source -> original drain
@@ -926,8 +926,7 @@ def test_emfile_on_dup_fails_cleanly_and_changes_nothing(free):
         assert first.wait(5) is EndReason.UNSPLICED
         fds0 = open_fds()
         modes = [os.get_blocking(s.fileno()) for s in (ln.src, ln.dst)]
-        with pool._lock:
-            before = (dict(pool._sources), dict(pool._drains), dict(pool._endpoints))
+        before = pool.registry.snapshot()
         stats0 = pool.stats()
         with lowered_fd_limit(free):
             with pytest.raises(OSError) as exc:
@@ -941,8 +940,7 @@ def test_emfile_on_dup_fails_cleanly_and_changes_nothing(free):
         # Nothing changed.
         assert open_fds() == fds0
         assert [os.get_blocking(s.fileno()) for s in (ln.src, ln.dst)] == modes
-        with pool._lock:
-            assert (dict(pool._sources), dict(pool._drains), dict(pool._endpoints)) == before
+        assert pool.registry.snapshot() == before
         assert pool.stats()["live"] == stats0["live"] == 1
         assert pool.transferred(ln.src) == 5  # not reset by the failed call
         assert bystander.reason is None
@@ -981,7 +979,7 @@ def test_emfile_while_starting_a_worker_fails_cleanly_and_changes_nothing():
         assert open_fds() == fds0
         assert thread_count() == threads0
         assert pool.stats()["live"] == 0
-        assert not pool._sources and not pool._drains and not pool._endpoints
+        assert pool.registry.snapshot() == ({}, {}, {})
         sp = pool.splice(ln.src, ln.dst)
         ln.peer_src.sendall(b"works")
         assert recv_exact(ln.peer_dst, 5) == b"works"

@@ -10,12 +10,12 @@ import time
 import pytest
 from conftest import tcp_pair, thread_backend_only
 
-from splicepool import _hub
+from splicepool import _hub, _native
 
 pytestmark = thread_backend_only  # these hubs serve worker threads; a patched process cannot drive them
 
 HUBS = [pytest.param(_hub.SelectorHub, id="selector")]
-if _hub._native.epoll is not None:
+if _native.epoll is not None:
     HUBS.insert(0, pytest.param(_hub.EpollHub, id="epoll"))
 
 
@@ -34,7 +34,7 @@ def test_readable_source_is_reported(hub):
     a, b = tcp_pair()
     try:
         b.setblocking(False)
-        hub.add(b.fileno())
+        hub.add(b.fileno(), b.fileno())
         hub.interest(b.fileno(), read=True, write=False)
         assert _flags_for(hub.poll(0.05), b.fileno()) & _hub.READ == 0
         a.sendall(b"x")
@@ -48,7 +48,7 @@ def test_readable_source_is_reported(hub):
 def test_write_interest_reports_a_writable_socket(hub):
     a, b = tcp_pair()
     try:
-        hub.add(a.fileno())
+        hub.add(a.fileno(), a.fileno())
         hub.interest(a.fileno(), read=False, write=True)
         assert _flags_for(hub.poll(2.0), a.fileno()) & _hub.WRITE
     finally:
@@ -60,7 +60,7 @@ def test_write_interest_reports_a_writable_socket(hub):
 def test_a_reset_is_reported_as_error(hub):
     a, b = tcp_pair()
     try:
-        hub.add(b.fileno())
+        hub.add(b.fileno(), b.fileno())
         hub.interest(b.fileno(), read=True, write=False)
         a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         a.close()
@@ -93,7 +93,7 @@ def test_wake_from_another_thread_ends_a_sleeping_poll(hub):
 def test_removed_fd_is_not_reported(hub):
     a, b = tcp_pair()
     try:
-        hub.add(b.fileno())
+        hub.add(b.fileno(), b.fileno())
         hub.interest(b.fileno(), read=True, write=False)
         hub.remove(b.fileno())
         a.sendall(b"x")
@@ -136,3 +136,23 @@ def test_no_wakeup_is_lost_when_wake_races_with_consume(hub):
     assert time.monotonic() - start < 2.0, "a wake() was lost"
     timer.join()
     assert seen[0] > 1 and posted[0] > 1
+
+
+def test_poll_returns_the_data_registered_with_the_fd_and_never_the_waker(hub):
+    a, b = tcp_pair()
+    mark = object()
+    try:
+        b.setblocking(False)
+        hub.add(b.fileno(), mark)
+        hub.interest(b.fileno(), read=True, write=False)
+        a.sendall(b"x")
+        hub.wake()
+        events = []
+        deadline = time.monotonic() + 2.0
+        while not events and time.monotonic() < deadline:
+            events = hub.poll(2.0)
+        assert [got for got, _ in events] == [mark]  # the waker's wakeup is consumed, not listed
+    finally:
+        hub.remove(b.fileno())
+        a.close()
+        b.close()

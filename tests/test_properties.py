@@ -497,7 +497,7 @@ class PoolMachine(RuleBasedStateMachine):
         }
         if sharers:
             assert sp.worker == self.n_ok % WORKERS or sp.worker in sharers, (sp.worker, self.n_ok, sharers)
-            self.n_ok = self.pool._next  # joined or took its turn: only the pool knows which
+            self.n_ok = self.pool.next_worker  # joined or took its turn: only the pool knows which
         else:
             assert sp.worker == self.n_ok % WORKERS, (sp.worker, self.n_ok)
             self.n_ok += 1
@@ -653,9 +653,7 @@ class PoolMachine(RuleBasedStateMachine):
     @invariant()
     def books_agree(self):
         pool = self.pool
-        with pool._lock:
-            sources = dict(pool._sources)
-            drains = dict(pool._drains)
+        sources, drains, _refs = pool.registry.snapshot()
         live = [r for r in self.recs if r.sp.reason is None]
         pending = [r for r in self.recs if not r.sp.done()]
         for rec in self.recs:
@@ -671,7 +669,7 @@ class PoolMachine(RuleBasedStateMachine):
                     assert sp.error is None, rec
             else:
                 assert sp.state in LIVE_STATES | ENDING, rec
-        # Every live splice is in pool._sources exactly once, under its own source.
+        # Every live splice is in the registry's sources exactly once, under its own source.
         assert len(sources) == len(live), (sources, live)
         assert {id(sp) for sp in sources.values()} == {id(r.sp) for r in live}
         for rec in live:
@@ -859,9 +857,7 @@ def test_four_threads_splicing_and_unsplicing_at_random_keep_the_books_straight(
         assert counts.get("handle:ok", 0) + counts.get("unsplice:ok", 0) > 10, counts
         # Quiet now (only data in flight): ended splices finish, and the books agree.
         assert until(lambda: all(sp.done() for sp in handles if sp.reason is not None))
-        with pool._lock:
-            sources = dict(pool._sources)
-            drains = dict(pool._drains)
+        sources, drains, _refs = pool.registry.snapshot()
         live = [sp for sp in handles if sp.reason is None]
         pending = [sp for sp in handles if not sp.done()]
         assert len(handles) == len({id(sp) for sp in handles})

@@ -102,7 +102,7 @@ def test_1_a_client_reset_racing_proxy_ends_the_relay_and_resets_the_upstream(ca
         if wait:  # proxy() waits for the first passes, in another thread
             caller = threading.Thread(target=lambda: box.append(pool.proxy(a, b, wait=True)))
             caller.start()
-            assert until(lambda: len(pool._workers[0].control) == 2, 5)
+            assert until(lambda: len(pool.worker(0).control) == 2, 5)
         else:
             box.append(pool.proxy(a, b, wait=False))
         reset(client)
@@ -357,7 +357,7 @@ def test_7_a_bug_in_dispatch_ends_that_splice_only(caplog):
     try:
         bad = pool.splice(faulty.src, faulty.dst)
         good = pool.splice(healthy.src, healthy.dst)
-        bad._src.sock = _FaultySock(bad._src.sock)
+        bad.src.sock = _FaultySock(bad.src.sock)
         faulty.peer_src.sendall(b"boom")
         assert bad.wait(5) is EndReason.ERROR
         assert bad.error.errno == errno.EIO and "injected bug" in str(bad.error)
@@ -391,7 +391,7 @@ def test_7_a_dying_worker_ends_only_its_own_splices():
             gate.wait(10)
 
         sx.add_done_callback(hold)
-        worker = pool._workers[0]
+        worker = pool.worker(0)
 
         def crash(timeout):
             raise RuntimeError("injected worker bug")
@@ -401,7 +401,7 @@ def test_7_a_dying_worker_ends_only_its_own_splices():
         assert inside.wait(5)
         # y.dst is the drain of sy (still on the dying worker): splice it onwards.
         z = pool.splice(y.dst, later.dst)
-        assert pool._workers[0] is not worker
+        assert pool.worker(0) is not worker
         gate.set()
         assert sy.wait(5) is EndReason.ERROR
         assert until(lambda: worker.exited.is_set(), 5)

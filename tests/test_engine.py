@@ -1,22 +1,17 @@
-"""Workers and the pool: assignment, isolation, fairness, cleanup, stats.
+"""The worker loop (splicepool.engine): isolation, fairness, small reads, a slow drain.
 
-docs/contract.md, sections 1 (which worker), 4 (workers never block, bugs) and 7 (stats).
+docs/contract.md, section 4 (workers never block, bugs).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import socket
 import struct
-import threading
 import time
 
-import pytest
 from conftest import (
-    BACKEND,
-    GEVENT,
     Collector,
     Link,
     digest,
@@ -45,43 +40,6 @@ HAVE_SPLICE = hasattr(os, "splice")
 
 
 # -- assignment -------------------------------------------------------------------------
-
-
-@pytest.mark.skipif(
-    BACKEND == "gevent-direct", reason="direct dispatch runs passes and callbacks in the hub itself"
-)
-def test_round_robin_assignment_and_each_splice_stays_on_its_worker():
-    links = [Link() for _ in range(7)]
-    try:
-        with SplicePool(workers=3) as pool:
-            ran_in: dict[int, int] = {}
-            splices = []
-            for i, ln in enumerate(links):
-                sp = pool.splice(ln.src, ln.dst)
-                sp.add_done_callback(lambda s, i=i: ran_in.__setitem__(i, threading.get_ident()))
-                splices.append(sp)
-            assert [sp.worker for sp in splices] == [0, 1, 2, 0, 1, 2, 0]
-            assert [w["live"] for w in pool.stats()["workers"]] == [3, 2, 2]
-            for i, (ln, sp) in enumerate(zip(links, splices, strict=True)):
-                data = payload(20_000 + i, i)
-                ln.peer_src.sendall(data)
-                ln.peer_src.shutdown(socket.SHUT_WR)
-                assert recv_exact(ln.peer_dst, len(data)) == data
-                assert sp.wait(5) is EndReason.EOF
-            assert until(lambda: len(ran_in) == len(links), 5)
-            # Done callbacks run in the splice's worker thread: one thread per worker index.
-            me = threading.get_ident()
-            for i in range(len(links)):
-                for j in range(len(links)):
-                    assert (ran_in[i] == ran_in[j]) is (i % 3 == j % 3), (i, j)
-                assert ran_in[i] != me
-            # The rotation goes on where it stopped, whatever ended meanwhile.
-            again = [Link() for _ in range(2)]
-            links += again
-            assert [pool.splice(ln.src, ln.dst).worker for ln in again] == [1, 2]
-    finally:
-        for ln in links:
-            ln.close()
 
 
 # -- isolation and fairness on one worker -----------------------------------------------
@@ -244,106 +202,7 @@ def test_a_small_read_the_drain_cannot_take_whole_waits_for_the_drain_in_order(z
 # -- binding workers to CPUs ------------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    GEVENT or not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
-    reason="worker threads on Linux, with two CPUs to tell them apart",
-)
-def test_bind_cpus_binds_each_worker_thread_to_one_cpu_round_robin():
-    allowed = sorted(os.sched_getaffinity(0))
-    links = [Link(), Link(), Link()]
-    with SplicePool(workers=3, bind_cpus=True) as pool:
-        splices = [pool.splice(ln.src, ln.dst) for ln in links]
-        for i, (ln, sp) in enumerate(zip(links, splices, strict=True)):
-            msg = payload(100_000, 40 + i)
-            ln.peer_src.sendall(msg)
-            assert recv_exact(ln.peer_dst, len(msg)) == msg
-            assert sp.worker == i
-        bound = {}
-        for task in os.listdir("/proc/self/task"):
-            cpus = os.sched_getaffinity(int(task))
-            if len(cpus) == 1 and int(task) != threading.get_native_id():
-                bound[int(task)] = cpus
-        want = [{allowed[i % len(allowed)]} for i in range(3)]
-        assert sorted(map(sorted, bound.values())) == sorted(map(sorted, want)), bound
-    assert os.sched_getaffinity(0) == set(allowed)  # the caller's thread is left alone
-    for ln in links:
-        ln.close()
-
-
-def test_bind_cpus_with_the_gevent_backend_is_refused():
-    with pytest.raises(ValueError, match="bind_cpus"):
-        SplicePool(workers=1, backend="gevent", bind_cpus=True)
-
-
 # -- threads, fds, closing --------------------------------------------------------------
-
-
-def test_workers_start_lazily(link):
-    threads0 = thread_count()
-    pool = SplicePool(workers=4)
-    try:
-        assert thread_count() == threads0
-        assert len(pool.stats()["workers"]) == 4
-        assert thread_count() == threads0
-        data = payload(100_000, 5)
-        link.peer_src.sendall(data)
-        link.peer_src.shutdown(socket.SHUT_WR)
-        sp = pool.splice(link.src, link.dst)
-        assert recv_exact(link.peer_dst, len(data)) == data
-        assert sp.wait(5) is EndReason.EOF
-        assert thread_count() <= threads0 + 1
-    finally:
-        pool.close()
-    assert thread_count() == threads0
-
-
-def test_close_leaves_no_thread_or_fd_and_is_idempotent(zero_copy):
-    links = [Link() for _ in range(4)]
-    try:
-        fds0, threads0 = fd_count(), thread_count()
-        pool = SplicePool(workers=2, zero_copy=zero_copy)
-        # Two splices that ended, one live and idle, one live and stalled with data in flight.
-        for ln in links[:2]:
-            ln.peer_src.sendall(b"done")
-            ln.peer_src.shutdown(socket.SHUT_WR)
-            sp = pool.splice(ln.src, ln.dst)
-            assert recv_exact(ln.peer_dst, 4) == b"done"
-            assert sp.wait(5) is EndReason.EOF
-        idle = pool.splice(links[2].src, links[2].dst)
-        stalled_link = links[3]
-        shrink(stalled_link.dst, stalled_link.peer_dst)
-        big = payload(4 * MiB, 6)
-        stalled = pool.splice(stalled_link.src, stalled_link.dst)
-        sender = send_in_thread(stalled_link.peer_src, big, shut=True)
-        assert until(lambda: stalled.transferred > 0)
-        assert fd_count() > fds0
-        assert thread_count() > threads0 or GEVENT  # the gevent backend starts no thread
-        pool.close(grace=0.2)
-        assert idle.reason is EndReason.POOL_CLOSED
-        assert stalled.reason is EndReason.POOL_CLOSED
-        assert idle.done() and stalled.done()
-        # Unblock our sender: everything not accepted by the drain or dropped is still in src.
-        moved = stalled.transferred + stalled.dropped
-        rest = recv_until_eof(stalled_link.src, timeout=15)
-        sender.join(5)
-        assert not sender.is_alive()
-        assert digest(rest) == digest(big[moved:])
-        assert thread_count() == threads0
-        assert fd_count() == fds0
-        pool.close()  # idempotent
-        with SplicePool(workers=1) as other:  # and the context manager closes too
-            other.splice(links[0].src, links[0].dst)
-        assert thread_count() == threads0
-        assert fd_count() == fds0
-        with pytest.raises(RuntimeError):
-            pool.splice(links[0].src, links[0].dst)
-        with pytest.raises(RuntimeError):
-            pool.unsplice(links[2].src)
-        assert thread_count() == threads0
-        assert fd_count() == fds0
-    finally:
-        for ln in links:
-            ln.close()
 
 
 def test_soak_of_2000_short_splices_leaves_nothing_behind(zero_copy):
@@ -386,60 +245,6 @@ def test_soak_of_2000_short_splices_leaves_nothing_behind(zero_copy):
 
 
 # -- stats ------------------------------------------------------------------------------
-
-
-def test_stats_is_json_and_counts_bytes_and_live_splices(zero_copy):
-    links = [Link() for _ in range(5)]
-    pool = SplicePool(workers=2, zero_copy=zero_copy)
-    try:
-        st = pool.stats()
-        assert json.loads(json.dumps(st)) == st
-        assert st["live"] == 0
-        assert st["bytes"] == 0
-        assert [w["index"] for w in st["workers"]] == [0, 1]
-        sizes = [1000, 70_000, 300_003]
-        splices = []
-        for ln, size in zip(links, sizes, strict=False):
-            data = payload(size, size)
-            sp = pool.splice(ln.src, ln.dst)
-            sender = send_in_thread(ln.peer_src, data, shut=True)
-            assert recv_exact(ln.peer_dst, size) == data
-            assert sp.wait(5) is EndReason.EOF
-            sender.join(5)
-            splices.append(sp)
-        st = pool.stats()
-        assert json.loads(json.dumps(st)) == st
-        assert st["live"] == 0
-        assert st["bytes"] == sum(sp.transferred for sp in splices) == sum(sizes)
-        assert len(st["workers"]) == 2
-        for w in st["workers"]:
-            assert {"index", "live", "bytes", "passes", "wakeups", "zero_copy", "copy"} <= set(w)
-            assert w["live"] == 0
-            assert w["bytes"] == sum(sp.transferred for sp in splices if sp.worker == w["index"])
-            assert w["passes"] >= 1
-            assert w["wakeups"] >= 0
-        # The path in use shows.
-        if zero_copy is False:
-            assert any(w["copy"] for w in st["workers"])
-            assert not any(w["zero_copy"] for w in st["workers"])
-        else:
-            assert any(w["zero_copy"] for w in st["workers"])
-            assert not any(w["copy"] for w in st["workers"])
-        # Live splices: two that wait for data.
-        live = [pool.splice(ln.src, ln.dst) for ln in links[3:]]
-        st = pool.stats()
-        assert json.loads(json.dumps(st)) == st
-        assert st["live"] == 2
-        assert sum(w["live"] for w in st["workers"]) == 2
-        assert st["bytes"] == sum(sizes)
-        for sp in live:
-            sp.unsplice()
-            assert sp.wait(5) is EndReason.UNSPLICED
-        assert pool.stats()["live"] == 0
-    finally:
-        pool.close()
-        for ln in links:
-            ln.close()
 
 
 def test_rst_on_one_splice_does_not_disturb_another_on_the_same_worker(zero_copy):

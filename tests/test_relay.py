@@ -47,9 +47,9 @@ def relay():
 
 def _settle_fds(pool: SplicePool) -> int:
     """fd count with every worker started (its hub's fds open) and no pipe cached."""
-    with pool._lock:
-        for index in range(pool.workers):
-            pool._worker(index).pipes.keep = 0
+    pool.start()
+    for index in range(pool.workers):
+        pool.worker(index).xfer.pipes.keep = 0
     return fd_count()
 
 
@@ -219,7 +219,8 @@ def test_bad_requests_change_nothing(pool, relay):
 
 def test_module_level_proxy_uses_the_given_pool(pool, relay):
     px = splicepool.proxy(relay.a, relay.b, pool=pool)
-    assert px.forward._pool is pool
+    assert px.pool is pool
+    assert px.forward.owner is pool.worker(px.forward.worker) is px.reverse.owner
     relay.client.close()
     relay.server.close()
     assert px.wait(5) is EndReason.EOF
