@@ -3,11 +3,14 @@
     python bench/compare.py [--quick] [--reps 3] [--peers direct,splicepool,...]
                             [--workloads bulk1,bulk4,latency,conns,idle]
                             [--splicepool-args "..."] [--variant NAME="ARGS" ...]
+                            [--tree NAME=PATH ...]
     python bench/compare.py --profile OUT.svg [--profile-seconds 10]
 
 Peers (each a separate process listening on 127.0.0.1, forwarding to an upstream):
 ``direct`` (no relay: the ceiling), ``splicepool`` (``python -m splicepool proxy``,
-plus one column per ``--variant``), ``thread`` (bench/relay_thread.py),
+plus one column per ``--variant``, and per ``--tree``: the proxy of another
+checkout, e.g. a commit before a change, measured in the same interleaved
+run), ``thread`` (bench/relay_thread.py),
 ``asyncio`` (bench/relay_asyncio.py), ``haproxy`` (tcp mode, splice-auto) and
 ``socat`` (fork per connection). A peer whose binary is missing is skipped.
 
@@ -694,6 +697,12 @@ def choose_peers(args: argparse.Namespace) -> list[Peer]:
                 if not sep or not name:
                     raise SystemExit(f"--variant {spec!r}: expected NAME=ARGS")
                 chosen.append(Peer(f"splicepool:{name}", kind, shlex.split(variant_args)))
+            for spec in args.tree:
+                name, sep, path = spec.partition("=")
+                if not sep or not name or not os.path.isfile(os.path.join(path, "splicepool", "__main__.py")):
+                    raise SystemExit(f"--tree {spec!r}: expected NAME=PATH of a splicepool checkout")
+                chosen.append(Peer(f"splicepool@{name}", kind, shlex.split(args.splicepool_args),
+                                   root=os.path.abspath(path)))
         elif kind in wanted:
             chosen.append(Peer(kind, kind))
     available = []
@@ -808,6 +817,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--variant", action="append", default=[], metavar='NAME="ARGS"',
                         help="one more splicepool column, named splicepool:NAME, run with ARGS "
                         "(instead of --splicepool-args); repeatable")
+    parser.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
+                        help="one more splicepool column, named splicepool@NAME: the proxy of the "
+                        "checkout at PATH (with --splicepool-args), e.g. the commit before a change; "
+                        "repeatable")
     parser.add_argument("--duration", type=float, help="seconds per bulk run (default 3)")
     parser.add_argument("--conns", type=int, help="connections in the conns workload (default 1000)")
     parser.add_argument("--idle-conns", type=int, help="idle connections (default 9000)")

@@ -225,6 +225,7 @@ class Peer:
     name: str
     kind: str
     args: list[str] = field(default_factory=list)
+    root: str = ROOT  # the checkout whose splicepool runs (another one: a before/after column)
 
     def missing(self) -> str | None:
         """Why this peer cannot run here, or None."""
@@ -254,7 +255,8 @@ class Peer:
         if self.kind == "direct":
             return "(none: clients connect to the upstream)"
         argv = self.command("PORT", "UPSTREAM", "haproxy.cfg")
-        return shlex.join(argv).replace(sys.executable, "python")
+        where = f"(in {self.root}) " if self.root != ROOT else ""
+        return where + shlex.join(argv).replace(sys.executable, "python")
 
     def start(self, upstream: int, workdir: str, cpus: set[int] | None = None) -> Running:
         """Run this peer in front of ``upstream`` (on ``cpus``); for ``direct``, just the
@@ -263,12 +265,12 @@ class Peer:
             return Running(upstream, None)
         port = free_port()
         log_path = os.path.join(workdir, f"{self.name}-{port}.log")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [self.root, os.environ.get("PYTHONPATH")])))
         cfg = os.path.join(workdir, f"haproxy-{port}.cfg")
         if self.kind.startswith("haproxy"):
             with open(cfg, "w") as f:
                 f.write(haproxy_config(port, upstream, always_splice=self.kind == "haproxy-splice"))
-        proc = spawn(self.command(str(port), str(upstream), cfg), log_path, cpus, env=env, cwd=ROOT,
+        proc = spawn(self.command(str(port), str(upstream), cfg), log_path, cpus, env=env, cwd=self.root,
                      stdin=subprocess.DEVNULL)
         try:
             wait_listening(port, proc, log_path)

@@ -87,7 +87,22 @@ class _Waker:
             _native.close(self.wfd)
 
 
-class EpollHub:
+class _Watched:
+    """The fd -> data map both selector hubs keep (``get``, ``watched``, ``len``)."""
+
+    _data: dict[int, Any]
+
+    def get(self, fd: int) -> Any:
+        return self._data.get(fd)
+
+    def watched(self) -> list[Any]:
+        return list(self._data.values())
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class EpollHub(_Watched):
     """Edge-triggered epoll: one registration per fd for its whole life."""
 
     _MASK = (
@@ -106,15 +121,6 @@ class EpollHub:
     def add(self, fd: int, data: Any) -> None:
         self._ep.register(fd, self._MASK)
         self._data[fd] = data
-
-    def get(self, fd: int) -> Any:
-        return self._data.get(fd)
-
-    def watched(self) -> list[Any]:
-        return list(self._data.values())
-
-    def __len__(self) -> int:
-        return len(self._data)
 
     def remove(self, fd: int) -> None:
         self._data.pop(fd, None)
@@ -150,7 +156,7 @@ class EpollHub:
         self._waker.close()
 
 
-class SelectorHub:
+class SelectorHub(_Watched):
     """Level-triggered ``selectors`` hub for systems without epoll."""
 
     def __init__(self, selector: Any = None) -> None:
@@ -164,15 +170,6 @@ class SelectorHub:
     def add(self, fd: int, data: Any) -> None:
         self._mask[fd] = 0
         self._data[fd] = data
-
-    def get(self, fd: int) -> Any:
-        return self._data.get(fd)
-
-    def watched(self) -> list[Any]:
-        return list(self._data.values())
-
-    def __len__(self) -> int:
-        return len(self._data)
 
     def remove(self, fd: int) -> None:
         self._data.pop(fd, None)
