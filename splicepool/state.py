@@ -187,9 +187,10 @@ def trace(fn: Callable[[Record, Phase, Event, Phase], Any] | None) -> None:
 def move(rec: Record, event: Event) -> Phase:
     """Apply ``event`` to ``rec``: its new phase, from the table, or ``SpliceStateError``."""
     old = rec.phase
-    new = _BY_EVENT[event].get(old)
-    if new is None:
-        raise SpliceStateError(f"illegal splice transition: {event.name} in {old.name}")
+    try:
+        new = _BY_EVENT[event][old]
+    except KeyError:
+        raise SpliceStateError(f"illegal splice transition: {event.name} in {old.name}") from None
     rec.phase = new
     if _tracer is not None:
         _tracer(rec, old, event, new)
