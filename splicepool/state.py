@@ -126,22 +126,21 @@ E = Event
 
 def _table() -> dict[tuple[Phase, Event], Phase]:
     t: dict[tuple[Phase, Event], Phase] = {(P.INIT, E.TAKE_UP): P.QUEUED}
-    # Not taken up yet, a splice may share a watched socket with one that is: events wait.
-    for e in (E.READ, E.READ_HUP, E.WRITABLE):
+    # Not taken up yet, a splice may share a watched socket with one that is: reads wait.
+    for e in (E.READ, E.READ_HUP):
         t[P.INIT, e] = P.INIT
     for p in (P.WAIT_SOURCE, *_QUEUED_LIVE):
         t[p, E.READ] = P.QUEUED_READ if p in (P.WAIT_SOURCE, P.QUEUED, P.QUEUED_READ) else p
         t[p, E.READ_HUP] = P.QUEUED if p in (P.WAIT_SOURCE, P.QUEUED, P.QUEUED_READ) else p
     # Waiting for the drain, the source is read when the drain wakes the splice.
     t[P.WAIT_DRAIN, E.READ] = t[P.WAIT_DRAIN, E.READ_HUP] = P.WAIT_DRAIN
-    for p in (P.WAIT_SOURCE, *_QUEUED_LIVE):  # an edge-triggered hub reports space all along
-        t[p, E.WRITABLE] = p
+    # Space on a drain matters only to a splice waiting for it (epoll reports it all along).
     t[P.WAIT_DRAIN, E.WRITABLE] = P.QUEUED_DRAIN
     for p in (P.WAIT_SOURCE, P.WAIT_DRAIN, *_QUEUED_LIVE):
         t[p, E.DRAIN_ERROR] = P.QUEUED_CHECK
     for wait, queued in _ENDED_WAIT.items():
         t[wait, E.WRITABLE] = t[wait, E.DRAIN_ERROR] = queued
-        t[queued, E.WRITABLE] = t[queued, E.DRAIN_ERROR] = queued
+        t[queued, E.DRAIN_ERROR] = queued
         t[queued, E.FLUSH] = wait
     for p in _QUEUED_LIVE:
         t[p, E.RUN] = P.RUNNING
