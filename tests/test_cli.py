@@ -18,7 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import own_processes, recv_exact, recv_until_eof, send_in_thread
+from conftest import (
+    free_port,
+    own_processes,
+    recv_exact,
+    recv_until_eof,
+    send_in_thread,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 10.0  # interpreter start + import on a loaded 2-core machine
@@ -33,14 +40,6 @@ pytestmark = own_processes
 
 
 # -- helpers -------------------------------------------------------------------------------
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free on ``host`` a moment ago (callers retry on EADDRINUSE)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -48,18 +47,6 @@ def hostport(host: str, port: int) -> str:
 def sockname(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return hostport(host, port)
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def http_get(port: int, path: str) -> str:

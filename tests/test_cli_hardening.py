@@ -11,23 +11,20 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import threading
 import time
 
 import pytest
 import test_cli
-from conftest import own_processes, recv_until_eof
+from conftest import free_port, own_processes, recv_until_eof, reset, wait_until
 from test_cli import (
     _has_ipv6_loopback,
-    free_port,
     http_get,
     listening_addresses,
     ping,
     run_cli,
     sockname,
-    wait_until,
 )
 
 pytestmark = own_processes
@@ -42,12 +39,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rst(sock: socket.socket) -> None:
-    """Close with SO_LINGER 0: the peer gets a RST."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 # -- 8. signals --------------------------------------------------------------------------------
@@ -206,7 +197,7 @@ def test_a_client_gone_before_hand_over_is_named_client_not_a_fd(upstreams, star
     ping(first)
     second = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)  # kernel handshake only
     peer = sockname(second)
-    rst(second)
+    reset(second)
     first.close()
     lines = proxy.wait_log(rf" WARNING conn 2 {peer}: not proxied: (.*)$")
     assert lines[0].endswith(f"client (127.0.0.1:{proxy.port}) is not connected"), lines
@@ -489,7 +480,7 @@ def test_400_clients_resetting_at_once_all_end_and_sigterm_does_not_wait_out_the
         if i % 2:
             client.sendall(b"GET / HTTP/1.0\r\n")  # half of them say something first
         time.sleep(delays.random() * 0.002)
-        rst(client)
+        reset(client)
     st = proxy.wait_stats(timeout=15, accepted=n, live=0, connecting=0)
     assert st["finished"] + st["refused"] + st["failed_connects"] == n, st
     log = proxy.log()

@@ -6,7 +6,6 @@ docs/contract.md, section 4 (workers never block, bugs).
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 import struct
 import time
@@ -33,7 +32,6 @@ from conftest import (
 from splicepool import EndReason, SplicePool
 
 MiB = 1 << 20
-HAVE_SPLICE = hasattr(os, "splice")
 
 
 # -- helpers -------------------------------------------------------------------------

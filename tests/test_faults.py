@@ -22,6 +22,7 @@ import time
 import pytest
 from conftest import (
     GEVENT,
+    HAVE_SPLICE,
     Collector,
     Link,
     digest,
@@ -44,7 +45,6 @@ from conftest import (
 from splicepool import EndReason, SplicePool, SpliceState, _sockets
 
 MiB = 1 << 20
-HAVE_SPLICE = hasattr(os, "splice")
 END_BOUND = 2.0  # seconds from a fault to the end of every splice it touches
 LIVE = {SpliceState.INIT, SpliceState.IDLE, SpliceState.QUEUED, SpliceState.RUNNING}
 

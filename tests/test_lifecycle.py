@@ -15,6 +15,7 @@ import time
 
 import pytest
 from conftest import (
+    HAVE_SPLICE,
     Collector,
     Link,
     digest,
@@ -34,7 +35,6 @@ from conftest import (
 from splicepool import EndReason, SplicePool, SpliceState
 
 MiB = 1 << 20
-HAVE_SPLICE = hasattr(os, "splice")
 LIVE = {SpliceState.INIT, SpliceState.IDLE, SpliceState.QUEUED, SpliceState.RUNNING}
 
 

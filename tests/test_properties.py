@@ -25,7 +25,7 @@ import threading
 import time
 
 import pytest
-from conftest import GEVENT, Collector, Link, open_fds, tcp_pair, thread_count
+from conftest import GEVENT, Collector, Link, open_fds, tcp_pair, thread_count, until
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -75,15 +75,6 @@ def same_fds(now: set[int], want: set[int], names0: dict[int, str]) -> bool:
 
 def fd_diff(now: set[int], want: set[int]) -> str:
     return f"unexpected: {[fd_name(fd) for fd in sorted(now - want)]}, missing: {sorted(want - now)}"
-
-
-def until(pred, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return bool(pred())
-        time.sleep(0.002)
-    return True
 
 
 def outcome(fn):

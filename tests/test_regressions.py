@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import os
 import socket
 import threading
 import time
@@ -19,6 +18,7 @@ import weakref
 import pytest
 from conftest import (
     GEVENT,
+    HAVE_SPLICE,
     Collector,
     Link,
     digest,
@@ -37,7 +37,6 @@ from conftest import (
 from splicepool import EndReason, SplicePool, SpliceState
 
 MiB = 1 << 20
-HAVE_SPLICE = hasattr(os, "splice")
 LIVE = {SpliceState.INIT, SpliceState.IDLE, SpliceState.QUEUED, SpliceState.RUNNING}
 
 

@@ -18,7 +18,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import Link, fd_count, recv_available, recv_exact, tcp_pair
+from conftest import (
+    Link,
+    fd_count,
+    recv_available,
+    recv_exact,
+    tcp_pair,
+    wait_until,
+)
 
 import splicepool
 from splicepool import EndReason, SplicePool, SpliceState
@@ -41,14 +48,6 @@ def unused_fd(start: int = 10_000) -> int:
             if exc.errno == errno.EBADF:
                 return fd
         fd += 1
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 2.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
 
 
 def stable_fd_count(timeout: float = 1.0) -> int:
