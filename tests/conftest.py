@@ -227,19 +227,6 @@ def until(pred, timeout: float = 10.0) -> bool:
     return True
 
 
-def settle(sp, quiet: float = 0.2, timeout: float = 10.0) -> int:
-    """Wait until ``sp.transferred`` stops growing for ``quiet`` seconds (a stalled drain)."""
-    deadline = time.monotonic() + timeout
-    last = sp.transferred
-    while time.monotonic() < deadline:
-        time.sleep(quiet)
-        now = sp.transferred
-        if now == last:
-            return now
-        last = now
-    raise AssertionError(f"still moving after {timeout} s: {sp!r}")
-
-
 def wait_until(pred, timeout: float = 5.0, what: str = "condition", interval: float = 0.01):
     """Poll ``pred`` every ``interval`` seconds until it returns something truthy and return
     that; fail naming ``what`` after ``timeout`` seconds."""

@@ -26,6 +26,7 @@ from conftest import (
     Collector,
     Link,
     digest,
+    drain_full,
     fd_count,
     open_fds,
     payload,
@@ -34,7 +35,6 @@ from conftest import (
     recv_until_eof,
     reset,
     send_in_thread,
-    settle,
     shrink,
     tcp_pair,
     thread_backend_only,
@@ -332,7 +332,8 @@ def test_drain_peer_closing_with_data_queued_ends_with_error(zero_copy, head):
         clock = EndClock(sp)
         sender = send_in_thread(link.peer_src, data, shut=True)
         got = recv_exact(link.peer_dst, head) if head else b""
-        settle(sp)  # stalled: the drain's send queue and its peer's receive queue are full
+        # stalled: the drain's send queue and its peer's receive queue are full
+        assert until(lambda: drain_full(sp)), sp
         assert sp.reason is None
         link.peer_dst.close()  # unread data: a RST, not a FIN
         t_close = time.monotonic()
