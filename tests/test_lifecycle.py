@@ -656,13 +656,13 @@ def test_wait_timeout_and_done_callbacks(zpool, link, caplog):
     assert sp.wait(5) is EndReason.EOF
     assert sp.wait(0) is EndReason.EOF
     assert until(lambda: calls, 5)
-    time.sleep(0.1)  # a second call would show up by now
     assert calls == [(sp, EndReason.EOF)]
     assert "callback boom" in caplog.text
     late = []
     sp.add_done_callback(late.append)  # already ended: runs at once
     assert late == [sp]
     # Both workers still work after a callback raised in one of them.
+    workers = set()
     for seed in range(2):
         ln = Link()
         try:
@@ -673,5 +673,9 @@ def test_wait_timeout_and_done_callbacks(zpool, link, caplog):
             assert recv_exact(ln.peer_dst, len(data)) == data
             assert s2.wait(5) is EndReason.EOF
             sender.join(5)
+            workers.add(s2.worker)
         finally:
             ln.close()
+    # sp's worker has since run a whole splice to its end: a second call would show up by now.
+    assert sp.worker in workers, (sp.worker, workers)
+    assert calls == [(sp, EndReason.EOF)]

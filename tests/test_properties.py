@@ -25,7 +25,7 @@ import threading
 import time
 
 import pytest
-from conftest import GEVENT, Collector, Link, open_fds, tcp_pair, thread_count, until
+from conftest import GEVENT, Collector, Link, open_fds, tcp_pair, thread_count, until, wakeups
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -692,7 +692,7 @@ class PoolMachine(RuleBasedStateMachine):
             for rec in self.recs:
                 event(f"ended {rec.sp.reason.name}" + (" with data" if rec.sp.transferred else ""))
             self.check_bytes()
-            time.sleep(0.01)  # gevent closes some fds on its next loop turn
+            # gevent closes some fds on its next loop turn: until() polls, and yields to it
             assert until(lambda: thread_count() == self.threads0), (thread_count(), self.threads0)
             want = self.fds0 - self.closed_fds
             assert until(lambda: same_fds(open_fds(), want, self.fd_names0)), (fd_diff(open_fds(), want), self.fd_names0)
@@ -947,10 +947,13 @@ def test_idle_too_large_for_a_timer_means_no_timer():
         def check(idle):
             bystander = pool.splice(other.src, other.dst)
             sp = pool.splice(link.src, link.dst, idle=idle)
-            time.sleep(0.05)
+            # The worker sleeps with sp's timer armed; a wakeup for the ping proves that sleep
+            # took the timeout (a worker that crashed would have ended both, ERROR EIO).
+            seen = wakeups(pool)
+            link.peer_src.sendall(b"ping")
+            assert until(lambda: wakeups(pool) > seen or sp.done() or bystander.done())
             assert sp.reason is None, (sp, sp.error)
             assert bystander.reason is None, (bystander, bystander.error)
-            link.peer_src.sendall(b"ping")
             assert link.peer_dst.recv(4) == b"ping"
             for s in (sp, bystander):
                 s.unsplice()
