@@ -20,7 +20,9 @@ from typing import Any
 import pytest
 from conftest import (
     Link,
+    accept_queue_full,
     fd_count,
+    inq,
     recv_available,
     recv_exact,
     tcp_pair,
@@ -29,6 +31,7 @@ from conftest import (
 
 import splicepool
 from splicepool import EndReason, SplicePool, SpliceState
+from splicepool.state import Phase
 
 # Linux TCP_INFO: the first byte is the TCP state; 1 = ESTABLISHED, 2 = SYN_SENT.
 _TCP_ESTABLISHED = 1
@@ -477,7 +480,9 @@ def test_drain_with_connect_in_progress_is_accepted_and_data_waits(pool, socks):
         c.setblocking(False)
         rc = c.connect_ex(lsock.getsockname())
         assert rc in (0, errno.EINPROGRESS), os.strerror(rc)
-        time.sleep(0.05)
+        # Answered (connected), or its SYN is dropped: the accept queue is full.
+        wait_until(lambda c=c: _tcp_state(c) != _TCP_SYN_SENT or accept_queue_full(lsock),
+                   what="the connect answered or its SYN dropped")
         if _tcp_state(c) == _TCP_SYN_SENT:
             drain = c
             break
@@ -488,7 +493,9 @@ def test_drain_with_connect_in_progress_is_accepted_and_data_waits(pool, socks):
     assert sp.drain is drain
     payload = os.urandom(3000)
     peer_src.sendall(payload)
-    time.sleep(0.2)
+    # The bytes wait in the source, and the splice waits for its drain (it reads no source).
+    wait_until(lambda: inq(src) == len(payload) and sp.phase is Phase.WAIT_DRAIN,
+               what="the bytes in the source, sp waiting for its drain")
     assert _tcp_state(drain) == _TCP_SYN_SENT, "drain connected too early for this test"
     assert sp.transferred == 0, "bytes were counted before the drain connected"
     assert_running(sp)  # EAGAIN/ENOTCONN on a connecting drain must not end the splice
@@ -766,7 +773,7 @@ class Scene:
         self.d_peer, self.d = socks.pair()  # a free connected source candidate
         self.d.settimeout(2.5)  # timeout mode (the fd is non-blocking underneath)
         self.d_peer.sendall(b"D's own data")
-        time.sleep(0.02)
+        wait_until(lambda: inq(self.d) == 12, what="D's own data in D")
         self.udp = socks.udp()
         self.listening = socks.listener()
 
