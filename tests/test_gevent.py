@@ -156,7 +156,7 @@ def test_a_greenlet_killed_inside_proxy_leaves_the_sockets_to_the_pool():
     monkey.patch_all()
     import gevent
     import splicepool
-    from conftest import tcp_pair
+    from conftest import passes, tcp_pair, until
     pool = splicepool.SplicePool(workers=1)
     client, a = tcp_pair()
     b, server = tcp_pair()
@@ -166,7 +166,7 @@ def test_a_greenlet_killed_inside_proxy_leaves_the_sockets_to_the_pool():
     assert a.fileno() == -1 and b.fileno() == -1, (a.fileno(), b.fileno())
     a.close()
     b.close()
-    gevent.sleep(0.1)
+    assert until(lambda: passes(pool) >= 2)  # the worker has taken up both directions
     x, y = tcp_pair()  # may reuse the numbers: the pool must never close these
     pool.close()
     x.sendall(b"ping")
