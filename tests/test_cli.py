@@ -19,11 +19,13 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    accept_queue_full,
     free_port,
     own_processes,
     recv_exact,
     recv_until_eof,
     send_in_thread,
+    until,
     wait_until,
 )
 
@@ -415,7 +417,7 @@ def test_connect_timeout_closes_the_client(upstreams, start_proxy):
                 f.setblocking(False)
                 f.connect_ex(addr)
                 fillers.append(f)
-            time.sleep(0.1)
+            assert until(lambda: accept_queue_full(blocked)), "the fillers never filled the accept queue"
             with socket.socket() as probe:
                 probe.settimeout(0.3)
                 try:
@@ -479,7 +481,12 @@ def test_max_conns_leaves_the_third_in_the_backlog_until_one_ends(upstreams, sta
     try:
         wait_until(lambda: upstream.accepted >= 2, 5, "two upstream connections")
         st = proxy.wait_stats(live=2)
-        time.sleep(0.5)  # would the third sneak through?
+        # Would the third sneak through? Its connect is done (in the backlog): let the proxy's
+        # loop turn. It logs an ignored SIGUSR1 after what its select returned (the listener
+        # too, if it were watched); the second is logged a full turn after the first.
+        for turn in (1, 2):
+            proxy.signal(signal.SIGUSR1)
+            proxy.wait_log(r" WARNING SIGUSR1 received: ignored ", count=turn)
         assert upstream.accepted == 2
         st = proxy.stats()["connections"]
         assert (st["accepted"], st["live"], st["connecting"]) == (2, 2, 0)
@@ -680,8 +687,7 @@ def test_two_processes_both_serve_and_sigterm_leaves_no_child(upstreams, start_p
     assert listening_pids == pids
 
     proxy.signal(signal.SIGTERM)
-    assert proxy.wait(timeout=5) == 0
-    time.sleep(0.2)
+    assert proxy.wait(timeout=5) == 0  # the parent exits after it has reaped every child
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

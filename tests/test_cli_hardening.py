@@ -17,7 +17,7 @@ import time
 
 import pytest
 import test_cli
-from conftest import free_port, own_processes, recv_until_eof, reset, wait_until
+from conftest import free_port, own_processes, recv_until_eof, reset, until, wait_until
 from test_cli import (
     _has_ipv6_loopback,
     http_get,
@@ -340,16 +340,31 @@ def test_stats_accept_at_the_fd_limit_backs_off_instead_of_spinning(upstreams, s
                 break
         wait_until(lambda: "Too many open files" in proxy.log(), 10, "the EMFILE warning")
         # Take the last fds: the stats server's own accept must now fail with EMFILE.
+
+        def out_of_fds() -> int:
+            return proxy.log().count("Too many open files")
+
+        def connect_and_wait(port: int) -> None:
+            """Connect; wait until the proxy has taken it up: its fds grew, or it said it has
+            none left (at 63 of 64 fds a connection's upstream socket fails, and it is closed)."""
+            fds, said = proxy.fd_count(), out_of_fds()
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(("127.0.0.1", port))
+            held.append(c)
+            assert until(lambda: proxy.fd_count() > fds or out_of_fds() > said), (proxy.fd_count(), fds)
+
         while proxy.fd_count() < 64 and len(held) < 80:
-            held.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=5))
-            time.sleep(0.05)
-        waiting = socket.socket()
-        waiting.setblocking(False)
-        waiting.connect_ex(("127.0.0.1", proxy.stats_port))
-        held.append(waiting)
-        time.sleep(0.2)
+            said = out_of_fds()
+            connect_and_wait(proxy.port)
+            if out_of_fds() > said:
+                break  # refused for want of fds: the proxy is at its limit
+        # Stats connections until one finds no fd (the first may take the proxy's last one).
+        while " WARNING stats: accept: " not in proxy.log() and len(held) < 90:
+            connect_and_wait(proxy.stats_port)
+        proxy.wait_log(r" WARNING stats: accept: .*; pausing for ")  # it backs off ...
         cpu0, t0 = cpu_seconds(proxy.pid), time.monotonic()
-        time.sleep(1.0)
+        time.sleep(1.0)  # ... for a second of wall time: the CPU it uses meanwhile is the point
         used = (cpu_seconds(proxy.pid) - cpu0) / (time.monotonic() - t0)
         assert used < 0.3, f"the proxy used {used:.0%} of a core at its fd limit"
     finally:

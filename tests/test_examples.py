@@ -10,7 +10,6 @@ import re
 import socket
 import struct
 import threading
-import time
 
 import pytest
 from conftest import until
@@ -151,7 +150,6 @@ def test_threaded_tunnels_survive_their_handler_returning(upstream):
             sock.sendall(t.stream[:1000])
         # every handler thread has returned (socketserver closed its request object) ...
         assert until(lambda: ex.threads() == threads, 5), (ex.threads(), threads)
-        time.sleep(0.3)
         # ... and every tunnel still carries its MiB both ways
         errors: list[BaseException] = []
 
