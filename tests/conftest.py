@@ -188,7 +188,7 @@ class Collector:
                     self.data += chunk
                     self.cond.notify_all()
                 if self.delay:
-                    time.sleep(self.delay)
+                    time.sleep(self.delay)  # a slow reader on purpose: the pacing is the point
         except (OSError, ValueError) as exc:
             self.error = exc
         finally:
@@ -223,7 +223,7 @@ def until(pred, timeout: float = 10.0) -> bool:
     while not pred():
         if time.monotonic() > deadline:
             return bool(pred())
-        time.sleep(0.005)
+        time.sleep(0.005)  # the poll interval: the wait ends on ``pred``, not on the clock
     return True
 
 

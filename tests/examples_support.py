@@ -299,7 +299,7 @@ def settled(measure, quiet: float = 0.3, timeout: float = 5.0) -> int:
     deadline = time.monotonic() + timeout
     value, since = measure(), time.monotonic()
     while time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.02)  # the poll interval of a measurement: the value, once it holds still
         now = measure()
         if now != value:
             value, since = now, time.monotonic()

@@ -193,7 +193,7 @@ class ProxyProc:
                 return found
             if time.monotonic() >= deadline:
                 pytest.fail(f"no {count} x {pattern!r} in the proxy log after {timeout} s:\n{self.log()}")
-            time.sleep(0.02)
+            time.sleep(0.02)  # the poll interval: the wait ends on the log line
 
     def conn_line(self, peer: str, timeout: float = 5.0) -> dict[str, str]:
         """The log line of the connection whose client address is ``peer``."""
@@ -222,7 +222,7 @@ class ProxyProc:
         while not check():
             if time.monotonic() >= deadline:
                 pytest.fail(f"/stats never had {expected}; last: {last}")
-            time.sleep(0.02)
+            time.sleep(0.02)  # the poll interval: the wait ends on the counters
         return last
 
     def fd_count(self) -> int:
@@ -313,7 +313,7 @@ def start_proxy(tmp_path):
                     return proxy
                 if "Address already in use" in log or proxy.proc.poll() is not None:
                     break
-                time.sleep(0.02)
+                time.sleep(0.02)  # the poll interval: the wait ends on "listening on"
             log = proxy.log()
             proxy.kill()
             if "Address already in use" not in log:
@@ -463,7 +463,7 @@ def test_idle_closes_a_silent_connection_but_not_a_trickling_one(upstreams, star
         peer = sockname(busy)
         for _ in range(8):  # ~1 s of traffic, never 0.5 s quiet
             ping(busy, b"x")
-            time.sleep(0.1)
+            time.sleep(0.1)  # the trickle under test: a byte every 0.1 s keeps it from --idle
         t0 = time.monotonic()
         busy.settimeout(5)
         with pytest.raises(ConnectionResetError):

@@ -247,7 +247,7 @@ def test_slowloris_stats_clients_are_bounded_and_cut_and_the_proxy_keeps_serving
             assert json.loads(http_get(proxy.stats_port, "/stats"))["connections"]["accepted"] == i + 2
             if time.monotonic() - t0 > 6.5:
                 break
-            time.sleep(1)
+            time.sleep(1)  # the slowloris pace under test: a byte a second
         # Every slow client is cut by 5 s after it was accepted (or at once, to make room).
 
         def all_closed() -> bool:
@@ -494,7 +494,7 @@ def test_400_clients_resetting_at_once_all_end_and_sigterm_does_not_wait_out_the
         client = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
         if i % 2:
             client.sendall(b"GET / HTTP/1.0\r\n")  # half of them say something first
-        time.sleep(delays.random() * 0.002)
+        time.sleep(delays.random() * 0.002)  # the race: the reset lands before, during or after
         reset(client)
     st = proxy.wait_stats(timeout=15, accepted=n, live=0, connecting=0)
     assert st["finished"] + st["refused"] + st["failed_connects"] == n, st

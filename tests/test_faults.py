@@ -234,7 +234,7 @@ def test_rst_on_a_socket_that_is_also_a_drain_is_an_error_on_the_source_side():
             try:
                 y_peer.recv(1 << 20)
             except BlockingIOError:
-                time.sleep(0.005)
+                time.sleep(0.005)  # the poll interval: the loop ends on out.done()
         assert out.wait(1) is EndReason.ERROR, out
         assert out.error.errno in (errno.ECONNRESET, errno.ECONNABORTED), out.error
         assert "source" in str(out.error), out.error
@@ -382,7 +382,7 @@ def test_drain_peer_not_reading_for_longer_than_idle_ends_with_idle(zero_copy):
             now = sp.transferred
             if now != last:
                 last, last_at = now, time.monotonic()
-            time.sleep(0.002)
+            time.sleep(0.002)  # the idle timer under test: a fine clock of the last move
         assert sp.wait(0) is EndReason.IDLE
         quiet = clock.since(sp, last_at)
         assert idle - 0.05 <= quiet <= idle + END_BOUND, quiet
@@ -582,7 +582,7 @@ def test_unsplice_racing_with_eof(zero_copy):
                 sp = pool.splice(src, dst)
                 if not queued:
                     sender = send_in_thread(peer, data, shut=True)
-                    if rng.random() < 0.5:
+                    if rng.random() < 0.5:  # the race: the unsplice lands at random times
                         time.sleep(rng.random() * 0.003)
                 how = rng.choice(["splice-1", "pool.unsplice", "sp.unsplice"])
                 try:
@@ -639,7 +639,7 @@ def test_unsplice_racing_with_pool_close(zero_copy):
                 sp = pool.splice(ln.src, ln.dst)
                 sender = send_in_thread(ln.peer_src, data, shut=True)
                 runs.append((ln, data, col, sp, sender))
-            time.sleep(rng.random() * 0.01)
+            time.sleep(rng.random() * 0.01)  # the race: close while bytes flow, at a random point
             closer = threading.Thread(target=pool.close, daemon=True)
             closer.start()
             for ln, _, _, sp, _ in runs:

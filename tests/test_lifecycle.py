@@ -200,7 +200,7 @@ def test_idle_is_kept_alive_by_a_trickle(zpool, path, link):
         last = time.monotonic()
         link.peer_src.send(bytes([len(sent) % 251]))
         sent.append(len(sent) % 251)
-        time.sleep(idle / 3)
+        time.sleep(idle / 3)  # the trickle under test: a byte every idle/3 keeps it alive
         assert not sp.done(), f"ended with {sp.reason} during the trickle, after {len(sent)} bytes"
     assert sp.wait(idle + 5) is EndReason.IDLE
     quiet = time.monotonic() - last

@@ -404,7 +404,7 @@ class PoolMachine(RuleBasedStateMachine):
             if not busy:
                 return
             assert time.monotonic() < deadline, f"not quiet after {timeout} s: {busy}"
-            time.sleep(0.001)
+            time.sleep(0.001)  # the poll interval: the wait ends when every splice is quiet
 
     def feed(self, conn: Conn, n: int, seed: int) -> int:
         data = random.Random(seed).randbytes(n)
@@ -620,7 +620,7 @@ class PoolMachine(RuleBasedStateMachine):
                         break
                     seed += 1
                     self.pump()
-                    time.sleep(0.002)
+                    time.sleep(0.002)  # a writer's pace: a KiB at a time until the splice notices
         self.close_user(self.items[name])  # the connection is over for the user too
         self.settle()
 
@@ -831,7 +831,7 @@ def test_four_threads_splicing_and_unsplicing_at_random_keep_the_books_straight(
                         streams[i] += data[:n]
                     tally("send")
                 if rng.random() < 0.1:
-                    time.sleep(0)
+                    time.sleep(0)  # give up the GIL now and then: other interleavings
         except BaseException as exc:  # reported by the test, never lost in a thread
             failures.append(exc)
 

@@ -456,7 +456,7 @@ def test_11_idle_does_not_cut_a_slow_reader_of_a_fast_upstream():
             got += chunk
             pause = t0 + len(got) / rate - time.monotonic()
             if pause > 0:
-                time.sleep(pause)
+                time.sleep(pause)  # the slow reader under test: it reads at ``rate``
         assert len(got) == total, f"got {len(got)} of {total} bytes: the relay was cut ({relay.reason})"
         assert digest(got) == digest(data)
         client.close()

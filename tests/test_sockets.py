@@ -58,7 +58,7 @@ def stable_fd_count(timeout: float = 1.0) -> int:
     deadline = time.monotonic() + timeout
     last, same = fd_count(), 0
     while same < 5 and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.01)  # the poll interval of a measurement: five equal counts in a row
         now = fd_count()
         same = same + 1 if now == last else 0
         last = now
