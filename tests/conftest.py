@@ -17,17 +17,20 @@ if GEVENT:
 
     monkey.patch_all()
 
-import hashlib  # noqa: E402 - after patching, on purpose
+import fcntl  # noqa: E402 - after patching, on purpose
+import hashlib  # noqa: E402
 import random  # noqa: E402
 import select  # noqa: E402
 import socket  # noqa: E402
 import struct  # noqa: E402
+import termios  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
 import pytest  # noqa: E402
 
 import splicepool  # noqa: E402
+from splicepool.state import Phase  # noqa: E402
 
 if GEVENT:
     import functools
@@ -111,6 +114,7 @@ def recv_exact(sock: socket.socket, n: int, timeout: float = 10.0) -> bytes:
 
 
 def recv_until_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Read until EOF (a timeout raises)."""
     sock.settimeout(timeout)
     buf = bytearray()
     while True:
@@ -184,7 +188,7 @@ class Collector:
                     self.data += chunk
                     self.cond.notify_all()
                 if self.delay:
-                    time.sleep(self.delay)
+                    time.sleep(self.delay)  # a slow reader on purpose: the pacing is the point
         except (OSError, ValueError) as exc:
             self.error = exc
         finally:
@@ -219,21 +223,63 @@ def until(pred, timeout: float = 10.0) -> bool:
     while not pred():
         if time.monotonic() > deadline:
             return bool(pred())
-        time.sleep(0.005)
+        time.sleep(0.005)  # the poll interval: the wait ends on ``pred``, not on the clock
     return True
 
 
-def settle(sp, quiet: float = 0.2, timeout: float = 10.0) -> int:
-    """Wait until ``sp.transferred`` stops growing for ``quiet`` seconds (a stalled drain)."""
+def wait_until(pred, timeout: float = 5.0, what: str = "condition", interval: float = 0.01):
+    """Poll ``pred`` every ``interval`` seconds until it returns something truthy and return
+    that; fail naming ``what`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    last = sp.transferred
-    while time.monotonic() < deadline:
-        time.sleep(quiet)
-        now = sp.transferred
-        if now == last:
-            return now
-        last = now
-    raise AssertionError(f"still moving after {timeout} s: {sp!r}")
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)  # the poll interval
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free on ``host`` a moment ago (callers retry on EADDRINUSE)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _ioctl_int(sock, request: int) -> int:
+    fd = sock if isinstance(sock, int) else sock.fileno()
+    return struct.unpack("i", fcntl.ioctl(fd, request, b"\0" * 4))[0]
+
+
+def inq(sock) -> int:
+    """Bytes waiting in ``sock``'s receive queue, unread (FIONREAD)."""
+    return _ioctl_int(sock, termios.FIONREAD)
+
+
+#: Linux SIOCOUTQNSD: bytes in a TCP send queue that have not been sent yet.
+SIOCOUTQNSD = 0x894B
+
+
+def unsent(sock) -> int:
+    """Bytes in ``sock``'s send queue that TCP has not sent yet: with a peer on loopback, those
+    wait for room in the peer's receive window (SIOCOUTQNSD)."""
+    return _ioctl_int(sock, SIOCOUTQNSD)
+
+
+def drain_full(sp) -> bool:
+    """``sp`` waits for a full drain: it is in ``Phase.WAIT_DRAIN`` (its drain refused more; the
+    source is not read) and bytes wait in the drain's send queue for room at its peer."""
+    return sp.phase is Phase.WAIT_DRAIN and unsent(sp.drain) > 0
+
+
+def accept_queue_full(lsock: socket.socket) -> bool:
+    """A listening TCP socket's accept queue is full: Linux drops every new SYN (TCP_INFO of a
+    listener: tcpi_unacked = connections waiting to be accepted, tcpi_sacked = the backlog)."""
+    info = lsock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    waiting, backlog = struct.unpack_from("II", info, 24)
+    return waiting > backlog
 
 
 def open_fds() -> set[int]:
@@ -287,8 +333,25 @@ def peek(sock: socket.socket, wait: float = 0.15) -> bytes | None:
 
 
 def wakeups(pool, index: int = 0) -> int:
-    """How many times worker ``index`` has woken up with events (stats)."""
+    """How many times worker ``index`` has woken up with events (stats). It counts a wakeup
+    before handling its events: that the count grew proves the worker saw them, not that it is
+    done with them."""
     return pool.stats()["workers"][index]["wakeups"]
+
+
+def passes(pool, index: int = 0) -> int:
+    """How many passes worker ``index`` has run (stats; counted as a pass starts)."""
+    return pool.stats()["workers"][index]["passes"]
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    """The examples' upstream server (``examples_support.Upstream``), one per test module."""
+    from examples_support import Upstream  # it imports conftest: not at the top
+
+    srv = Upstream()
+    yield srv
+    srv.close()
 
 
 @pytest.fixture

@@ -26,6 +26,8 @@ import sys
 import threading
 import time
 
+from conftest import recv_until_eof
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -46,16 +48,6 @@ def recv_exact(sock: socket.socket, n: int, pending: bytearray) -> bytes:
     out = bytes(pending[:n])
     del pending[:n]
     return out
-
-
-def recv_until_eof(sock: socket.socket, timeout: float = 30.0) -> bytes:
-    sock.settimeout(timeout)
-    buf = bytearray()
-    while True:
-        chunk = sock.recv(1 << 20)
-        if not chunk:
-            return bytes(buf)
-        buf += chunk
 
 
 def read_head(sock: socket.socket, timeout: float = 10.0) -> tuple[int, bytes, bytes]:
@@ -302,28 +294,12 @@ def connect_tunnel(proxy_port: int, target_port: int, extra: bytes = b"",
     return sock, status, head, rest
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float = 5.0, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-
-
 def settled(measure, quiet: float = 0.3, timeout: float = 5.0) -> int:
     """``measure()`` once it has not changed for ``quiet`` seconds (threads exiting, fds closing)."""
     deadline = time.monotonic() + timeout
     value, since = measure(), time.monotonic()
     while time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.02)  # the poll interval of a measurement: the value, once it holds still
         now = measure()
         if now != value:
             value, since = now, time.monotonic()

@@ -26,7 +26,7 @@ def test_await_a_splice_returns_its_reason_without_blocking_the_loop():
                 nonlocal ticks
                 while True:
                     ticks += 1
-                    await asyncio.sleep(0.001)
+                    await asyncio.sleep(0.001)  # a ticker's pace: ticks show the loop ran
 
             ticker = asyncio.ensure_future(tick())
             link.peer_src.sendall(b"through the splice")
@@ -52,12 +52,14 @@ def test_a_cancelled_await_leaves_the_splice_running_and_a_closed_loop_is_never_
     try:
         sp = pool.splice(link.src, link.dst)
 
-        async def waiter() -> EndReason:
+        async def waiter(awaiting: asyncio.Event) -> EndReason:
+            awaiting.set()  # then straight into ``await sp``: nothing yields before it waits
             return await sp
 
         async def cancelled() -> bool:
-            task = asyncio.ensure_future(waiter())
-            await asyncio.sleep(0.05)
+            awaiting = asyncio.Event()
+            task = asyncio.ensure_future(waiter(awaiting))
+            await awaiting.wait()  # the task now waits in ``await sp``
             task.cancel()
             try:
                 await task
@@ -69,8 +71,9 @@ def test_a_cancelled_await_leaves_the_splice_running_and_a_closed_loop_is_never_
         assert not sp.done()  # cancelling the waiter does not end the splice
 
         loop = asyncio.new_event_loop()
-        task = loop.create_task(waiter())
-        loop.run_until_complete(asyncio.sleep(0.05))
+        awaiting = asyncio.Event()  # bound to the loop that first waits on it (3.10+)
+        task = loop.create_task(waiter(awaiting))
+        loop.run_until_complete(awaiting.wait())  # the task waits in ``await sp``
         task.cancel()
         loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
         loop.close()  # the splice ends after its loop is gone: the worker must not mind

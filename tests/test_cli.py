@@ -18,7 +18,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import own_processes, recv_exact, recv_until_eof, send_in_thread
+from conftest import (
+    accept_queue_full,
+    free_port,
+    own_processes,
+    recv_exact,
+    recv_until_eof,
+    send_in_thread,
+    until,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 10.0  # interpreter start + import on a loaded 2-core machine
@@ -33,14 +42,6 @@ pytestmark = own_processes
 
 
 # -- helpers -------------------------------------------------------------------------------
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free on ``host`` a moment ago (callers retry on EADDRINUSE)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -48,18 +49,6 @@ def hostport(host: str, port: int) -> str:
 def sockname(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return hostport(host, port)
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def http_get(port: int, path: str) -> str:
@@ -204,7 +193,7 @@ class ProxyProc:
                 return found
             if time.monotonic() >= deadline:
                 pytest.fail(f"no {count} x {pattern!r} in the proxy log after {timeout} s:\n{self.log()}")
-            time.sleep(0.02)
+            time.sleep(0.02)  # the poll interval: the wait ends on the log line
 
     def conn_line(self, peer: str, timeout: float = 5.0) -> dict[str, str]:
         """The log line of the connection whose client address is ``peer``."""
@@ -233,7 +222,7 @@ class ProxyProc:
         while not check():
             if time.monotonic() >= deadline:
                 pytest.fail(f"/stats never had {expected}; last: {last}")
-            time.sleep(0.02)
+            time.sleep(0.02)  # the poll interval: the wait ends on the counters
         return last
 
     def fd_count(self) -> int:
@@ -324,7 +313,7 @@ def start_proxy(tmp_path):
                     return proxy
                 if "Address already in use" in log or proxy.proc.poll() is not None:
                     break
-                time.sleep(0.02)
+                time.sleep(0.02)  # the poll interval: the wait ends on "listening on"
             log = proxy.log()
             proxy.kill()
             if "Address already in use" not in log:
@@ -428,7 +417,7 @@ def test_connect_timeout_closes_the_client(upstreams, start_proxy):
                 f.setblocking(False)
                 f.connect_ex(addr)
                 fillers.append(f)
-            time.sleep(0.1)
+            assert until(lambda: accept_queue_full(blocked)), "the fillers never filled the accept queue"
             with socket.socket() as probe:
                 probe.settimeout(0.3)
                 try:
@@ -474,7 +463,7 @@ def test_idle_closes_a_silent_connection_but_not_a_trickling_one(upstreams, star
         peer = sockname(busy)
         for _ in range(8):  # ~1 s of traffic, never 0.5 s quiet
             ping(busy, b"x")
-            time.sleep(0.1)
+            time.sleep(0.1)  # the trickle under test: a byte every 0.1 s keeps it from --idle
         t0 = time.monotonic()
         busy.settimeout(5)
         with pytest.raises(ConnectionResetError):
@@ -492,7 +481,12 @@ def test_max_conns_leaves_the_third_in_the_backlog_until_one_ends(upstreams, sta
     try:
         wait_until(lambda: upstream.accepted >= 2, 5, "two upstream connections")
         st = proxy.wait_stats(live=2)
-        time.sleep(0.5)  # would the third sneak through?
+        # Would the third sneak through? Its connect is done (in the backlog): let the proxy's
+        # loop turn. It logs an ignored SIGUSR1 after what its select returned (the listener
+        # too, if it were watched); the second is logged a full turn after the first.
+        for turn in (1, 2):
+            proxy.signal(signal.SIGUSR1)
+            proxy.wait_log(r" WARNING SIGUSR1 received: ignored ", count=turn)
         assert upstream.accepted == 2
         st = proxy.stats()["connections"]
         assert (st["accepted"], st["live"], st["connecting"]) == (2, 2, 0)
@@ -693,8 +687,7 @@ def test_two_processes_both_serve_and_sigterm_leaves_no_child(upstreams, start_p
     assert listening_pids == pids
 
     proxy.signal(signal.SIGTERM)
-    assert proxy.wait(timeout=5) == 0
-    time.sleep(0.2)
+    assert proxy.wait(timeout=5) == 0  # the parent exits after it has reaped every child
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

@@ -11,23 +11,20 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import threading
 import time
 
 import pytest
 import test_cli
-from conftest import own_processes, recv_until_eof
+from conftest import free_port, own_processes, recv_until_eof, reset, until, wait_until
 from test_cli import (
     _has_ipv6_loopback,
-    free_port,
     http_get,
     listening_addresses,
     ping,
     run_cli,
     sockname,
-    wait_until,
 )
 
 pytestmark = own_processes
@@ -42,12 +39,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rst(sock: socket.socket) -> None:
-    """Close with SO_LINGER 0: the peer gets a RST."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 # -- 8. signals --------------------------------------------------------------------------------
@@ -206,7 +197,7 @@ def test_a_client_gone_before_hand_over_is_named_client_not_a_fd(upstreams, star
     ping(first)
     second = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)  # kernel handshake only
     peer = sockname(second)
-    rst(second)
+    reset(second)
     first.close()
     lines = proxy.wait_log(rf" WARNING conn 2 {peer}: not proxied: (.*)$")
     assert lines[0].endswith(f"client (127.0.0.1:{proxy.port}) is not connected"), lines
@@ -256,7 +247,7 @@ def test_slowloris_stats_clients_are_bounded_and_cut_and_the_proxy_keeps_serving
             assert json.loads(http_get(proxy.stats_port, "/stats"))["connections"]["accepted"] == i + 2
             if time.monotonic() - t0 > 6.5:
                 break
-            time.sleep(1)
+            time.sleep(1)  # the slowloris pace under test: a byte a second
         # Every slow client is cut by 5 s after it was accepted (or at once, to make room).
 
         def all_closed() -> bool:
@@ -349,16 +340,31 @@ def test_stats_accept_at_the_fd_limit_backs_off_instead_of_spinning(upstreams, s
                 break
         wait_until(lambda: "Too many open files" in proxy.log(), 10, "the EMFILE warning")
         # Take the last fds: the stats server's own accept must now fail with EMFILE.
+
+        def out_of_fds() -> int:
+            return proxy.log().count("Too many open files")
+
+        def connect_and_wait(port: int) -> None:
+            """Connect; wait until the proxy has taken it up: its fds grew, or it said it has
+            none left (at 63 of 64 fds a connection's upstream socket fails, and it is closed)."""
+            fds, said = proxy.fd_count(), out_of_fds()
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(("127.0.0.1", port))
+            held.append(c)
+            assert until(lambda: proxy.fd_count() > fds or out_of_fds() > said), (proxy.fd_count(), fds)
+
         while proxy.fd_count() < 64 and len(held) < 80:
-            held.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=5))
-            time.sleep(0.05)
-        waiting = socket.socket()
-        waiting.setblocking(False)
-        waiting.connect_ex(("127.0.0.1", proxy.stats_port))
-        held.append(waiting)
-        time.sleep(0.2)
+            said = out_of_fds()
+            connect_and_wait(proxy.port)
+            if out_of_fds() > said:
+                break  # refused for want of fds: the proxy is at its limit
+        # Stats connections until one finds no fd (the first may take the proxy's last one).
+        while " WARNING stats: accept: " not in proxy.log() and len(held) < 90:
+            connect_and_wait(proxy.stats_port)
+        proxy.wait_log(r" WARNING stats: accept: .*; pausing for ")  # it backs off ...
         cpu0, t0 = cpu_seconds(proxy.pid), time.monotonic()
-        time.sleep(1.0)
+        time.sleep(1.0)  # ... for a second of wall time: the CPU it uses meanwhile is the point
         used = (cpu_seconds(proxy.pid) - cpu0) / (time.monotonic() - t0)
         assert used < 0.3, f"the proxy used {used:.0%} of a core at its fd limit"
     finally:
@@ -488,8 +494,8 @@ def test_400_clients_resetting_at_once_all_end_and_sigterm_does_not_wait_out_the
         client = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
         if i % 2:
             client.sendall(b"GET / HTTP/1.0\r\n")  # half of them say something first
-        time.sleep(delays.random() * 0.002)
-        rst(client)
+        time.sleep(delays.random() * 0.002)  # the race: the reset lands before, during or after
+        reset(client)
     st = proxy.wait_stats(timeout=15, accepted=n, live=0, connecting=0)
     assert st["finished"] + st["refused"] + st["failed_connects"] == n, st
     log = proxy.log()

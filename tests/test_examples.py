@@ -10,9 +10,9 @@ import re
 import socket
 import struct
 import threading
-import time
 
 import pytest
+from conftest import until
 from examples_support import (
     Example,
     Transfer,
@@ -20,19 +20,11 @@ from examples_support import (
     connect_tunnel,
     read_head,
     settled,
-    wait_until,
 )
 
 pytest.importorskip("gevent")
 
 MIB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    srv = Upstream()
-    yield srv
-    srv.close()
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +128,10 @@ def test_fd_count_returns_to_baseline_after_200_short_connections(name, upstream
         short_connections(200)
         # Every socket is closed again. Pipes are cached by the workers for reuse, at most
         # 8 per worker (2 fds each): a relay that ends while the next starts may add one.
-        assert wait_until(lambda: sockets_and_files() == baseline, 5), (ex.fd_kinds(), baseline)
+        assert until(lambda: sockets_and_files() == baseline, 5), (ex.fd_kinds(), baseline)
         assert ex.fd_kinds()[0] <= 2 * 8 * 2, ex.fd_kinds()
-        assert wait_until(lambda: ex.threads() == threads, 5), (ex.threads(), threads)
-        assert wait_until(lambda: ex.output.count("reason=EOF") == 210, 5), ex.output[-2000:]
+        assert until(lambda: ex.threads() == threads, 5), (ex.threads(), threads)
+        assert until(lambda: ex.output.count("reason=EOF") == 210, 5), ex.output[-2000:]
     finally:
         ex.kill()
 
@@ -157,8 +149,7 @@ def test_threaded_tunnels_survive_their_handler_returning(upstream):
         for sock, t in zip(socks, transfers, strict=True):
             sock.sendall(t.stream[:1000])
         # every handler thread has returned (socketserver closed its request object) ...
-        assert wait_until(lambda: ex.threads() == threads, 5), (ex.threads(), threads)
-        time.sleep(0.3)
+        assert until(lambda: ex.threads() == threads, 5), (ex.threads(), threads)
         # ... and every tunnel still carries its MiB both ways
         errors: list[BaseException] = []
 
@@ -231,12 +222,12 @@ def test_clients_that_reset_at_once_cost_one_line_each_and_no_traceback(name, up
         if plain:
             # each reset client gets exactly one line: "went away" (a reset that lost the race
             # against the start of the relay ends that relay instead, with its usual line)
-            assert wait_until(lambda: len(accounted()) == len(ports), 10), (
+            assert until(lambda: len(accounted()) == len(ports), 10), (
                 sorted(ports - set(accounted())), [ln for ln in ex.lines if "went away" not in ln][-40:])
             assert set(accounted().values()) == {1}, accounted()
             assert _GONE.search(ex.output), ex.output[-3000:]
         one_relay()  # the example still serves, byte for byte
-        assert wait_until(lambda: sockets_and_files() == baseline, 5), (ex.fd_kinds(), baseline)
+        assert until(lambda: sockets_and_files() == baseline, 5), (ex.fd_kinds(), baseline)
         assert ex.stop() == 0, ex.output
     finally:
         ex.kill()

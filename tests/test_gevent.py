@@ -34,7 +34,7 @@ ticks = [0]
 def ticker():
     while True:
         ticks[0] += 1
-        gevent.sleep(0.005)
+        gevent.sleep(0.005)  # a ticker's pace: ticks show the hub ran
 ticker_g = gevent.spawn(ticker)
 
 import gevent.monkey
@@ -65,7 +65,7 @@ def slow_read():
         if not chunk:
             break
         got += chunk
-        time.sleep(0.001)
+        time.sleep(0.001)  # a slow reader on purpose: the drain fills, waits must yield
     return bytes(got)
 
 feeder = spawn(feed)
@@ -156,17 +156,17 @@ def test_a_greenlet_killed_inside_proxy_leaves_the_sockets_to_the_pool():
     monkey.patch_all()
     import gevent
     import splicepool
-    from conftest import tcp_pair
+    from conftest import passes, tcp_pair, until
     pool = splicepool.SplicePool(workers=1)
     client, a = tcp_pair()
     b, server = tcp_pair()
     g = gevent.spawn(pool.proxy, a, b)
-    gevent.sleep(0)
+    gevent.sleep(0)  # one turn: the greenlet runs into proxy() and waits there for the worker
     g.kill()
     assert a.fileno() == -1 and b.fileno() == -1, (a.fileno(), b.fileno())
     a.close()
     b.close()
-    gevent.sleep(0.1)
+    assert until(lambda: passes(pool) >= 2)  # the worker has taken up both directions
     x, y = tcp_pair()  # may reuse the numbers: the pool must never close these
     pool.close()
     x.sendall(b"ping")

@@ -113,7 +113,7 @@ def test_no_wakeup_is_lost_when_wake_races_with_consume(hub):
         while not stop.is_set():
             posted[0] += 1
             hub.wake()
-            time.sleep(0)
+            time.sleep(0)  # give up the GIL: wakes land at every point of the consume
 
     threads = [threading.Thread(target=poster) for _ in range(3)]
     for t in threads:

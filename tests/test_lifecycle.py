@@ -15,6 +15,7 @@ import time
 
 import pytest
 from conftest import (
+    HAVE_SPLICE,
     Collector,
     Link,
     digest,
@@ -34,7 +35,6 @@ from conftest import (
 from splicepool import EndReason, SplicePool, SpliceState
 
 MiB = 1 << 20
-HAVE_SPLICE = hasattr(os, "splice")
 LIVE = {SpliceState.INIT, SpliceState.IDLE, SpliceState.QUEUED, SpliceState.RUNNING}
 
 
@@ -200,7 +200,7 @@ def test_idle_is_kept_alive_by_a_trickle(zpool, path, link):
         last = time.monotonic()
         link.peer_src.send(bytes([len(sent) % 251]))
         sent.append(len(sent) % 251)
-        time.sleep(idle / 3)
+        time.sleep(idle / 3)  # the trickle under test: a byte every idle/3 keeps it alive
         assert not sp.done(), f"ended with {sp.reason} during the trickle, after {len(sent)} bytes"
     assert sp.wait(idle + 5) is EndReason.IDLE
     quiet = time.monotonic() - last
@@ -656,13 +656,13 @@ def test_wait_timeout_and_done_callbacks(zpool, link, caplog):
     assert sp.wait(5) is EndReason.EOF
     assert sp.wait(0) is EndReason.EOF
     assert until(lambda: calls, 5)
-    time.sleep(0.1)  # a second call would show up by now
     assert calls == [(sp, EndReason.EOF)]
     assert "callback boom" in caplog.text
     late = []
     sp.add_done_callback(late.append)  # already ended: runs at once
     assert late == [sp]
     # Both workers still work after a callback raised in one of them.
+    workers = set()
     for seed in range(2):
         ln = Link()
         try:
@@ -673,5 +673,9 @@ def test_wait_timeout_and_done_callbacks(zpool, link, caplog):
             assert recv_exact(ln.peer_dst, len(data)) == data
             assert s2.wait(5) is EndReason.EOF
             sender.join(5)
+            workers.add(s2.worker)
         finally:
             ln.close()
+    # sp's worker has since run a whole splice to its end: a second call would show up by now.
+    assert sp.worker in workers, (sp.worker, workers)
+    assert calls == [(sp, EndReason.EOF)]

@@ -14,6 +14,7 @@ import pytest
 from conftest import (
     BACKEND,
     GEVENT,
+    HAVE_SPLICE,
     Link,
     digest,
     fd_count,
@@ -29,7 +30,6 @@ from conftest import (
 from splicepool import EndReason, SplicePool
 
 MiB = 1 << 20
-HAVE_SPLICE = hasattr(os, "splice")
 
 
 @pytest.mark.skipif(

@@ -25,7 +25,7 @@ import threading
 import time
 
 import pytest
-from conftest import GEVENT, Collector, Link, open_fds, tcp_pair, thread_count
+from conftest import GEVENT, Collector, Link, open_fds, tcp_pair, thread_count, until, wakeups
 from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -75,15 +75,6 @@ def same_fds(now: set[int], want: set[int], names0: dict[int, str]) -> bool:
 
 def fd_diff(now: set[int], want: set[int]) -> str:
     return f"unexpected: {[fd_name(fd) for fd in sorted(now - want)]}, missing: {sorted(want - now)}"
-
-
-def until(pred, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return bool(pred())
-        time.sleep(0.002)
-    return True
 
 
 def outcome(fn):
@@ -413,7 +404,7 @@ class PoolMachine(RuleBasedStateMachine):
             if not busy:
                 return
             assert time.monotonic() < deadline, f"not quiet after {timeout} s: {busy}"
-            time.sleep(0.001)
+            time.sleep(0.001)  # the poll interval: the wait ends when every splice is quiet
 
     def feed(self, conn: Conn, n: int, seed: int) -> int:
         data = random.Random(seed).randbytes(n)
@@ -629,7 +620,7 @@ class PoolMachine(RuleBasedStateMachine):
                         break
                     seed += 1
                     self.pump()
-                    time.sleep(0.002)
+                    time.sleep(0.002)  # a writer's pace: a KiB at a time until the splice notices
         self.close_user(self.items[name])  # the connection is over for the user too
         self.settle()
 
@@ -701,7 +692,7 @@ class PoolMachine(RuleBasedStateMachine):
             for rec in self.recs:
                 event(f"ended {rec.sp.reason.name}" + (" with data" if rec.sp.transferred else ""))
             self.check_bytes()
-            time.sleep(0.01)  # gevent closes some fds on its next loop turn
+            # gevent closes some fds on its next loop turn: until() polls, and yields to it
             assert until(lambda: thread_count() == self.threads0), (thread_count(), self.threads0)
             want = self.fds0 - self.closed_fds
             assert until(lambda: same_fds(open_fds(), want, self.fd_names0)), (fd_diff(open_fds(), want), self.fd_names0)
@@ -840,7 +831,7 @@ def test_four_threads_splicing_and_unsplicing_at_random_keep_the_books_straight(
                         streams[i] += data[:n]
                     tally("send")
                 if rng.random() < 0.1:
-                    time.sleep(0)
+                    time.sleep(0)  # give up the GIL now and then: other interleavings
         except BaseException as exc:  # reported by the test, never lost in a thread
             failures.append(exc)
 
@@ -956,10 +947,13 @@ def test_idle_too_large_for_a_timer_means_no_timer():
         def check(idle):
             bystander = pool.splice(other.src, other.dst)
             sp = pool.splice(link.src, link.dst, idle=idle)
-            time.sleep(0.05)
+            # The worker sleeps with sp's timer armed; a wakeup for the ping proves that sleep
+            # took the timeout (a worker that crashed would have ended both, ERROR EIO).
+            seen = wakeups(pool)
+            link.peer_src.sendall(b"ping")
+            assert until(lambda: wakeups(pool) > seen or sp.done() or bystander.done())
             assert sp.reason is None, (sp, sp.error)
             assert bystander.reason is None, (bystander, bystander.error)
-            link.peer_src.sendall(b"ping")
             assert link.peer_dst.recv(4) == b"ping"
             for s in (sp, bystander):
                 s.unsplice()

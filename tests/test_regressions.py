@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import os
 import socket
 import threading
 import time
@@ -19,6 +18,7 @@ import weakref
 import pytest
 from conftest import (
     GEVENT,
+    HAVE_SPLICE,
     Collector,
     Link,
     digest,
@@ -37,7 +37,6 @@ from conftest import (
 from splicepool import EndReason, SplicePool, SpliceState
 
 MiB = 1 << 20
-HAVE_SPLICE = hasattr(os, "splice")
 LIVE = {SpliceState.INIT, SpliceState.IDLE, SpliceState.QUEUED, SpliceState.RUNNING}
 
 
@@ -457,7 +456,7 @@ def test_11_idle_does_not_cut_a_slow_reader_of_a_fast_upstream():
             got += chunk
             pause = t0 + len(got) / rate - time.monotonic()
             if pause > 0:
-                time.sleep(pause)
+                time.sleep(pause)  # the slow reader under test: it reads at ``rate``
         assert len(got) == total, f"got {len(got)} of {total} bytes: the relay was cut ({relay.reason})"
         assert digest(got) == digest(data)
         client.close()

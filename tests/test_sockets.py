@@ -18,10 +18,20 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import Link, fd_count, recv_available, recv_exact, tcp_pair
+from conftest import (
+    Link,
+    accept_queue_full,
+    fd_count,
+    inq,
+    recv_available,
+    recv_exact,
+    tcp_pair,
+    wait_until,
+)
 
 import splicepool
 from splicepool import EndReason, SplicePool, SpliceState
+from splicepool.state import Phase
 
 # Linux TCP_INFO: the first byte is the TCP state; 1 = ESTABLISHED, 2 = SYN_SENT.
 _TCP_ESTABLISHED = 1
@@ -43,20 +53,12 @@ def unused_fd(start: int = 10_000) -> int:
         fd += 1
 
 
-def wait_until(pred: Callable[[], bool], timeout: float = 2.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
-
-
 def stable_fd_count(timeout: float = 1.0) -> int:
     """fd_count() once it has not changed for a few polls (workers may still be settling)."""
     deadline = time.monotonic() + timeout
     last, same = fd_count(), 0
     while same < 5 and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.01)  # the poll interval of a measurement: five equal counts in a row
         now = fd_count()
         same = same + 1 if now == last else 0
         last = now
@@ -478,7 +480,9 @@ def test_drain_with_connect_in_progress_is_accepted_and_data_waits(pool, socks):
         c.setblocking(False)
         rc = c.connect_ex(lsock.getsockname())
         assert rc in (0, errno.EINPROGRESS), os.strerror(rc)
-        time.sleep(0.05)
+        # Answered (connected), or its SYN is dropped: the accept queue is full.
+        wait_until(lambda c=c: _tcp_state(c) != _TCP_SYN_SENT or accept_queue_full(lsock),
+                   what="the connect answered or its SYN dropped")
         if _tcp_state(c) == _TCP_SYN_SENT:
             drain = c
             break
@@ -489,7 +493,9 @@ def test_drain_with_connect_in_progress_is_accepted_and_data_waits(pool, socks):
     assert sp.drain is drain
     payload = os.urandom(3000)
     peer_src.sendall(payload)
-    time.sleep(0.2)
+    # The bytes wait in the source, and the splice waits for its drain (it reads no source).
+    wait_until(lambda: inq(src) == len(payload) and sp.phase is Phase.WAIT_DRAIN,
+               what="the bytes in the source, sp waiting for its drain")
     assert _tcp_state(drain) == _TCP_SYN_SENT, "drain connected too early for this test"
     assert sp.transferred == 0, "bytes were counted before the drain connected"
     assert_running(sp)  # EAGAIN/ENOTCONN on a connecting drain must not end the splice
@@ -767,7 +773,7 @@ class Scene:
         self.d_peer, self.d = socks.pair()  # a free connected source candidate
         self.d.settimeout(2.5)  # timeout mode (the fd is non-blocking underneath)
         self.d_peer.sendall(b"D's own data")
-        time.sleep(0.02)
+        wait_until(lambda: inq(self.d) == 12, what="D's own data in D")
         self.udp = socks.udp()
         self.listening = socks.listener()
 

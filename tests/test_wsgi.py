@@ -22,16 +22,12 @@ import threading
 import time
 
 import pytest
-from conftest import tcp_pair
+from conftest import free_port, recv_until_eof, tcp_pair, until
 from examples_support import (
     Example,
     Transfer,
-    Upstream,
     connect_tunnel,
-    free_port,
     read_head,
-    recv_until_eof,
-    wait_until,
 )
 
 from splicepool import wsgi
@@ -59,13 +55,6 @@ class _ExchangeHandler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    srv = Upstream()
-    yield srv
-    srv.close()
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +255,7 @@ def test_a_proxied_request_in_absolute_form_is_405_and_logged(proxy, http_upstre
     assert f"Content-Length: {len(DENIED_BODY)}".encode() in lines[1:], head
     assert rest == (b"" if method == "HEAD" else DENIED_BODY)
     line = _denied_line(method, target, port)
-    assert wait_until(lambda: line in proxy.output, 5), proxy.output[-2000:]
+    assert until(lambda: line in proxy.output, 5), proxy.output[-2000:]
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -279,7 +268,7 @@ def test_curl_through_the_proxy_without_a_tunnel_is_405(proxy, http_upstream):
     assert head[0] == b"HTTP/1.1 405 Method Not Allowed", out.stdout
     assert b"Allow: CONNECT" in head, out.stdout
     line = re.compile(re.escape(_denied_line("GET", url, "PORT")).replace("PORT", r"\d+"))
-    assert wait_until(lambda: line.search(proxy.output), 5), proxy.output[-2000:]
+    assert until(lambda: line.search(proxy.output), 5), proxy.output[-2000:]
 
 
 def test_other_methods_in_origin_form_are_405_and_logged(proxy):
@@ -291,13 +280,13 @@ def test_other_methods_in_origin_form_are_405_and_logged(proxy):
     assert status == 405 and b"Allow: CONNECT, GET, HEAD" in head.split(b"\r\n"), head
     assert rest == DENIED_BODY
     line = _denied_line("DELETE", "/thing", port)
-    assert wait_until(lambda: line in proxy.output, 5), proxy.output[-2000:]
+    assert until(lambda: line in proxy.output, 5), proxy.output[-2000:]
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
         port = sock.getsockname()[1]  # pywsgi decodes %0A in PATH_INFO: the log line stays one line
         sock.sendall(b"PUT /a%0A2026-01-01%20INFO%20forged HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert read_head(sock)[0] == 405
     line = _denied_line("PUT", "/a\\n2026-01-01 INFO forged", port)
-    assert wait_until(lambda: line in proxy.output, 5), proxy.output[-2000:]
+    assert until(lambda: line in proxy.output, 5), proxy.output[-2000:]
 
 
 def _concurrently(fn, n: int) -> None:
@@ -404,7 +393,7 @@ def test_gunicorn_gevent_worker(upstream):
             except OSError:
                 return False
 
-        assert wait_until(answers, 15), ex.output
+        assert until(answers, 15), ex.output
         for mode in ("C", "S"):
             t = Transfer(upstream, 6 * MIB, 6 * MIB, mode)
             early = t.stream[: 500 if mode == "C" else 0]
