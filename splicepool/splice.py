@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 #: The public states of a splice that has not ended.
-LIVE_STATES = frozenset({SpliceState.INIT, SpliceState.IDLE, SpliceState.QUEUED, SpliceState.RUNNING})
+LIVE_STATES = frozenset(phase.public for phase in LIVE)
 
 __all__ = ["LIVE_STATES", "EndReason", "Splice", "SpliceState", "SpliceStateError", "is_live"]
 

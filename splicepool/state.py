@@ -212,8 +212,8 @@ def abandon(rec: Record, reason: EndReason, error: OSError | None) -> None:
 
 # Guards every handle's event and callbacks (below); held for a few instructions at a
 # time, so one lock for all costs nothing and saves a lock per splice.
-_DONE_LOCK = _native.allocate_lock()
-DONE_LOCK = _DONE_LOCK  # for the relay's own books, which are as short
+# The relay keeps its own books (directions left, first reason) under it too: as short.
+DONE_LOCK = _native.allocate_lock()
 
 
 class Waitable:
@@ -240,7 +240,7 @@ class Waitable:
         """Wait until done (yielding to the hub in a gevent greenlet); False on timeout."""
         if self._ended:
             return True
-        with _DONE_LOCK:
+        with DONE_LOCK:
             if self._ended:
                 return True
             event = self._event
@@ -254,7 +254,7 @@ class Waitable:
         The call normally happens in a worker thread: keep it short, never block
         in it. An exception it raises is logged and ignored.
         """
-        with _DONE_LOCK:
+        with DONE_LOCK:
             if not self._ended:
                 callbacks = self._callbacks
                 if callbacks is None:
@@ -272,7 +272,7 @@ class Waitable:
 
     def _complete(self) -> None:
         """Mark done and wake everyone: waiters, then the callbacks (the worker's thread)."""
-        with _DONE_LOCK:
+        with DONE_LOCK:
             self._ended = True
             event, callbacks = self._event, self._callbacks
             self._event = self._callbacks = None
