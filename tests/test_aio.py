@@ -28,9 +28,14 @@ def test_await_a_splice_returns_its_reason_without_blocking_the_loop():
                     ticks += 1
                     await asyncio.sleep(0.001)  # a ticker's pace: ticks show the loop ran
 
+            def send() -> None:
+                link.peer_src.sendall(b"through the splice")
+                link.peer_src.shutdown(socket.SHUT_WR)
+
             ticker = asyncio.ensure_future(tick())
-            link.peer_src.sendall(b"through the splice")
-            link.peer_src.shutdown(socket.SHUT_WR)
+            # The bytes go once the loop runs again, so the splice is still live when awaited
+            # (an ended one would return at once, and the loop would not have to run at all).
+            asyncio.get_running_loop().call_soon(send)
             reason = await sp
             ticker.cancel()
             return reason, ticks

@@ -155,6 +155,7 @@ def _walk(pool: SplicePool) -> None:
         big = payload(256 * 1024, 1)
         ln.peer_src.sendall(big)
         assert recv_exact(ln.peer_dst, len(big)) == big
+        assert until(lambda: sp.phase is P.WAIT_SOURCE, 5)  # so the FIN is an event of its own
         ln.peer_src.shutdown(socket.SHUT_WR)
         assert sp.wait(5) is EndReason.EOF
     # A full drain (WAIT_DRAIN), more data meanwhile, space again (QUEUED_DRAIN), then a
