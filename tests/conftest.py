@@ -310,6 +310,7 @@ thread_backend_only = pytest.mark.skipif(
 
 #: For tests that start their own interpreters: they run once, in the thread run.
 own_processes = pytest.mark.skipif(GEVENT, reason="starts its own processes: runs in the thread run")
+engine_free = pytest.mark.skipif(GEVENT, reason="does not use the splice engine: runs in the thread run")
 
 
 HAVE_SPLICE = hasattr(os, "splice")
