@@ -48,9 +48,9 @@ DEFAULT_MAX_CHECK_TIMEOUT = 5.0
 RESOLVER_STOP_WAIT = 1.0
 
 
-def _check_port(port: object, what: str = "port") -> int:
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise ValueError(f"{what} must be an integer from 1 to 65535, not {port!r}")
+def _check_port(port: object, what: str = "port", lowest: int = 1) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not lowest <= port < 65536:
+        raise ValueError(f"{what} must be an integer from {lowest} to 65535, not {port!r}")
     return port
 
 
@@ -59,11 +59,11 @@ def format_hostport(host: str, port: int) -> str:
     unambiguous.
 
     A host that contains a colon is taken for an IPv6 address. Raises ``ValueError`` for a host
-    that is not a non-empty string or a port outside 1-65535.
+    that is not a non-empty string or a port outside 0-65535 (0: a listening address's "any").
     """
     if not isinstance(host, str) or not host:
         raise ValueError(f"host must be a non-empty string, not {host!r}")
-    _check_port(port)
+    _check_port(port, lowest=0)
     if ":" in host:
         return f"[{host}]:{port}"
     return f"{host}:{port}"
@@ -328,30 +328,39 @@ def _plural(n: int, word: str, words: str | None = None) -> str:
 
 
 class _Wakeup:
-    """A self-pipe: ``set()`` makes its read end readable, so a selector wait ends at once."""
+    """A self-pipe: ``set()`` makes its read end readable, so a selector wait ends at once.
+
+    The lock makes ``set()`` and ``close()`` exclusive, so ``set()`` never writes to an fd
+    number that ``close()`` has freed (and another thread may have reused)."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self._lock = threading.Lock()
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
+        self._closed = False
 
     def fileno(self) -> int:
         return self._r
 
     def set(self) -> None:
-        self.event.set()
-        try:
-            os.write(self._w, b"x")
-        except (BlockingIOError, OSError):  # full (already woken) or closed: either way woken
-            pass
+        with self._lock:
+            self.event.set()
+            if self._closed:
+                return
+            try:
+                os.write(self._w, b"x")
+            except OSError:  # full: it is readable already
+                pass
 
     def close(self) -> None:
-        for fd in (self._r, self._w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            os.close(self._r)
+            os.close(self._w)
 
 
 class _Check:
@@ -428,9 +437,10 @@ class HealthChecker:
             return
         self._stopped = True
         self._wakeup.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        self._wakeup.close()
+        if self._thread is None:
+            self._wakeup.close()
+        elif self._thread is not threading.current_thread():
+            self._thread.join()  # the thread closes the wakeup pipe as it ends
 
     def run_round(self) -> None:
         """Run one round of checks in the calling thread and count it in ``rounds``, for a
@@ -443,18 +453,21 @@ class HealthChecker:
 
     def _run(self) -> None:
         stop = self._wakeup.event
-        with selectors.DefaultSelector() as sel:
-            sel.register(self._wakeup, selectors.EVENT_READ)
-            while not stop.is_set():
-                began = time.monotonic()
-                try:
-                    self._round(sel)
-                except Exception:  # never let the checks die with the thread
-                    log.exception("health check round failed")
-                if stop.is_set():
-                    break
-                self.rounds += 1
-                stop.wait(max(0.0, began + self.interval - time.monotonic()))
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(self._wakeup, selectors.EVENT_READ)
+                while not stop.is_set():
+                    began = time.monotonic()
+                    try:
+                        self._round(sel)
+                    except Exception:  # never let the checks die with the thread
+                        log.exception("health check round failed")
+                    if stop.is_set():
+                        break
+                    self.rounds += 1
+                    stop.wait(max(0.0, began + self.interval - time.monotonic()))
+        finally:
+            self._wakeup.close()
 
     def _round(self, sel: selectors.BaseSelector) -> None:
         """Check every backend at once; results are applied as each check ends."""
