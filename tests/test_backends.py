@@ -819,3 +819,26 @@ def test_resolver_follows_a_dns_change(tmp_path):
         proc.stdout.close()
         proc.stderr.close()
         proc.stdin.close()
+
+
+def test_stop_from_on_change_and_before_start():
+    b = backend(free_port())
+    done = threading.Event()
+    hc: HealthChecker
+
+    def stop_now(changed, up, why):
+        hc.stop()  # from the checker's own thread: must not wait for itself
+        done.set()
+
+    hc = HealthChecker([b], interval=0.05, fall=1, on_change=stop_now)
+    hc.start()
+    assert done.wait(3.0)
+    wait_until(lambda: not hc._thread.is_alive(), 3.0, what="the checker thread to end")
+    assert hc.rounds == 0  # stopped inside its first round
+    assert (b.up, b.checks_failed) == (False, 1)
+    never = HealthChecker([b], interval=1)
+    never.stop()
+    with pytest.raises(RuntimeError):
+        never.start()
+    with pytest.raises(RuntimeError):
+        never.run_round()
