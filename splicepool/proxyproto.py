@@ -117,9 +117,7 @@ class ProxyHeader(_HeaderFields):
     __slots__ = ()
 
 
-def parse(
-    data: bytes | bytearray | memoryview, *, max_size: int = V2_MAX
-) -> ProxyHeader | None:
+def parse(data: bytes | bytearray | memoryview, *, max_size: int = V2_MAX) -> ProxyHeader | None:
     """The header at the start of ``data``; None while ``data`` is a valid but incomplete
     beginning of one (read more and call again); ProxyProtocolError as soon as the bytes
     cannot begin a valid header.
@@ -133,7 +131,9 @@ def parse(
     if isinstance(max_size, bool) or not isinstance(max_size, int):
         raise TypeError(f"max_size must be an int, not {type(max_size).__name__}")
     if max_size < V2_FIXED:
-        raise ValueError(f"max_size must be at least {V2_FIXED} (a v2 fixed header), not {max_size}")
+        raise ValueError(
+            f"max_size must be at least {V2_FIXED} (a v2 fixed header), not {max_size}"
+        )
     view = memoryview(data).cast("B")
     if not view:
         return None
@@ -195,9 +195,7 @@ def _check_v1_fields(
         raise ProxyProtocolError(f"v1 protocol {_show(protocol)} is not TCP4, TCP6 or UNKNOWN")
     if len(fields) == 1 and not complete:
         if not any(p.startswith(protocol) for p in _V1_PROTOCOLS):
-            raise ProxyProtocolError(
-                f"v1 protocol {_show(protocol)} is not TCP4, TCP6 or UNKNOWN"
-            )
+            raise ProxyProtocolError(f"v1 protocol {_show(protocol)} is not TCP4, TCP6 or UNKNOWN")
         return None
     if protocol not in _V1_PROTOCOLS:
         raise ProxyProtocolError(f"v1 protocol {_show(protocol)} is not TCP4, TCP6 or UNKNOWN")
@@ -257,9 +255,7 @@ def _check_v1_address(protocol: bytes, value: bytes, name: str, whole: bool) -> 
         try:
             ipaddress.IPv6Address(value.decode("ascii"))
         except ValueError:
-            raise ProxyProtocolError(
-                f"v1 {name} {_show(value)} is not an IPv6 address"
-            ) from None
+            raise ProxyProtocolError(f"v1 {name} {_show(value)} is not an IPv6 address") from None
 
 
 def _octet_may_begin(part: bytes) -> bool:
@@ -300,8 +296,7 @@ def _parse_v2(view: memoryview, max_size: int) -> ProxyHeader | None:
     start = min(have, len(V2_SIGNATURE))
     if bytes(view[:start]) != V2_SIGNATURE[:start]:
         raise ProxyProtocolError(
-            f"not a PROXY protocol header: {bytes(view[:start])!r} does not begin "
-            "the v2 signature"
+            f"not a PROXY protocol header: {bytes(view[:start])!r} does not begin the v2 signature"
         )
     if have < 13:
         return None
@@ -376,9 +371,7 @@ def _parse_v2(view: memoryview, max_size: int) -> ProxyHeader | None:
 # -- encoding -----------------------------------------------------------------------------
 
 
-def _address(
-    pair: object, which: str
-) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+def _address(pair: object, which: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
     """``pair`` as (address, port), or TypeError / ValueError naming ``which`` and the fault."""
     if not isinstance(pair, (tuple, list)) or len(pair) not in (2, 4):
         raise TypeError(
@@ -476,7 +469,10 @@ def encode_v2(
         command = 0x21
         family = _FAM_TCP4 if src_ip.version == 4 else _FAM_TCP6
         addresses = (
-            src_ip.packed + dst_ip.packed + src_port.to_bytes(2, "big") + dst_port.to_bytes(2, "big")
+            src_ip.packed
+            + dst_ip.packed
+            + src_port.to_bytes(2, "big")
+            + dst_port.to_bytes(2, "big")
         )
     body = addresses + b"".join(blocks)
     if len(body) > 0xFFFF:
