@@ -22,7 +22,14 @@ TCP over IPv4 or TCP over IPv6 family carries addresses the receiver uses. A LOC
 (whatever its family), the UNSPEC family, and the UDP and UNIX families all give
 ``local=True`` with no addresses: the receiver uses the connection's own addresses. Version 2
 TLVs are returned in order as (type, value) pairs and are not interpreted; in particular the
-CRC32c TLV (type 0x03) is not checked.
+CRC32c TLV (type 0x03) is not checked. The TLVs must exactly fill the block after the family's
+addresses (with UNSPEC, the whole block). A PROXY command with a family byte the spec does not
+define is an error; a LOCAL command with one is accepted and its block skipped (no TLVs), as
+the spec says a LOCAL command's family is ignored. ``UNKNOWN`` in version 1 must be followed
+by a space or the CRLF.
+
+``max_size`` (default ``V2_MAX`` = 16 + 65535) bounds a header of either version; a version 2
+length field over ``max_size - 16`` is refused as soon as its 16 fixed bytes are in.
 
 ``encode_v1`` and ``encode_v2`` write headers that ``parse`` reads back to the same
 addresses (and TLVs). Their bad arguments raise ``ValueError`` (or ``TypeError`` for a wrong
