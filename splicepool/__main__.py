@@ -11,14 +11,16 @@ import socket
 import sys
 import time
 
+from .acl import AccessList
+from .backends import BALANCES
 from .pool import SplicePool
+from .routes import HEAD_TIMEOUT, Routes, sni_name
 from .server import (
     WILDCARDS,
     ProxyServer,
     format_addr,
     loops_back,
     parse_hostport,
-    resolve,
 )
 
 TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
@@ -125,58 +127,264 @@ def _stats_addr(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m splicepool", description=__doc__)
+class ConfigError(ValueError):
+    """The options (from the command line and the --config file) are wrong; the message says how."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises ConfigError instead of exiting, when ``raising``
+    (a reload must never end the proxy over a bad file)."""
+
+    def __init__(self, *args: Any, raising: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.raising = raising
+
+    def error(self, message: str) -> Any:
+        if self.raising:
+            raise ConfigError(message)
+        return super().error(message)
+
+
+class _Once(argparse.Action):
+    """An option that may be given only once (a second --listen would silently win)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice: one {option_string} per proxy (run one "
+                         "proxy per listening address, or several processes with --processes)")
+        setattr(namespace, self.dest, values)
+
+
+def _sni_route(text: str) -> tuple[str, tuple[str, int]]:
+    name, sep, target = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=HOST:PORT")
+    try:
+        name = sni_name(name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return name, _connect_addr(target)
+
+
+def _cidr(text: str) -> str:
+    try:
+        AccessList([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _prog() -> str:
+    return "splicepool" if os.path.basename(sys.argv[0]) == "splicepool" else "python -m splicepool"
+
+
+# The long options of `proxy`, as a --config file names them, by kind.
+FLAG_OPTIONS = {"accept-proxy", "bind-cpus", "reuse-port"}  # true or false
+BOOLEAN_OPTIONS = {"nodelay"}  # true or false: --nodelay / --no-nodelay
+LIST_OPTIONS = {"connect", "sni", "allow", "deny"}  # may repeat: a list
+VALUE_OPTIONS = {
+    "listen", "balance", "workers", "idle", "max-conns", "max-conns-per-client", "connect-timeout",
+    "pipe-size", "processes", "grace", "stats-listen", "log-level", "health-check", "rise", "fall",
+    "resolve-every", "send-proxy", "head-timeout",
+}
+# What a reload applies; every other option takes effect on a restart (a reload says so).
+RELOADABLE = {"connect", "sni", "allow", "deny", "balance", "max-conns-per-client", "accept-proxy",
+              "send-proxy", "head-timeout", "health-check", "rise", "fall", "resolve-every", "idle",
+              "connect-timeout", "max-conns", "log-level", "config"}
+
+
+def build_parser(*, defaults: bool = True, raising: bool = False) -> argparse.ArgumentParser:
+    """The command line's parser. ``defaults=False``: an option not given is absent from the
+    namespace (how the options given on the command line are told from the file's)."""
+
+    def d(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser = _Parser(prog=_prog(), description=__doc__, raising=raising)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser(
         "proxy",
         help="run a TCP proxy",
-        description="Accept TCP connections on --listen, connect each to --connect, and splice "
-        "the two sockets together in both directions (zero-copy on Linux).",
+        description="Accept TCP connections on --listen, connect each to a --connect backend, "
+        "and splice the two sockets together in both directions (zero-copy on Linux).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        raising=raising,
     )
-    p.add_argument("--listen", required=True, type=_listen_addr, metavar="HOST:PORT",
-                   help="address to accept on; IPv6 in brackets, as [::1]:8080; "
+    p.add_argument("--listen", action=_Once, type=_listen_addr, default=d(None), metavar="HOST:PORT",
+                   help="address to accept on (required, once); IPv6 in brackets, as [::1]:8080; "
                    "0.0.0.0:PORT or [::]:PORT for every interface")
-    p.add_argument("--connect", required=True, type=_connect_addr, metavar="HOST:PORT",
-                   help="upstream address each connection is forwarded to (every address "
-                   "the name resolves to is tried, in order)")
-    p.add_argument("--workers", type=_count(1), default=None, metavar="N",
+    p.add_argument("--connect", action="append", type=_connect_addr, default=d(None),
+                   metavar="HOST:PORT",
+                   help="a backend (required; repeat it for several): every address its name "
+                   "resolves to is tried, in order")
+    p.add_argument("--balance", choices=BALANCES, default=d("roundrobin"),
+                   help="how new connections are spread over the --connect backends: in turn, "
+                   "to the one with the fewest live connections, or by client address "
+                   "(default: roundrobin)")
+    p.add_argument("--health-check", type=_seconds, default=d(0.0), metavar="SECONDS",
+                   help="connect to each backend this often; a backend that is down gets no new "
+                   "connection (default: 0, off)")
+    p.add_argument("--rise", type=_count(1), default=d(2), metavar="N",
+                   help="checks in a row that mark a down backend up (default: 2)")
+    p.add_argument("--fall", type=_count(1), default=d(3), metavar="N",
+                   help="checks in a row that mark an up backend down (default: 3)")
+    p.add_argument("--resolve-every", type=_seconds, default=d(0.0), metavar="SECONDS",
+                   help="resolve the backends' names again this often, so a DNS change reaches "
+                   "new connections (default: 0, only at start and on reload)")
+    p.add_argument("--accept-proxy", action="store_true", default=d(False),
+                   help="clients speak the PROXY protocol (v1 or v2): read the header first, and "
+                   "log, check and balance by the address it carries")
+    p.add_argument("--send-proxy", choices=("v1", "v2"), default=d(None),
+                   help="send a PROXY protocol header of this version to the backend before any "
+                   "byte of the client")
+    p.add_argument("--sni", action="append", type=_sni_route, default=d(None),
+                   metavar="NAME=HOST:PORT",
+                   help="TLS passthrough: a client whose ClientHello names NAME (or, with "
+                   "*.DOMAIN, a name under DOMAIN) goes to HOST:PORT; others to --connect")
+    p.add_argument("--head-timeout", type=_positive_float, default=d(HEAD_TIMEOUT),
+                   metavar="SECONDS",
+                   help="with --accept-proxy or --sni: how long a client has to send its PROXY "
+                   f"header and ClientHello (default: {HEAD_TIMEOUT:g})")
+    p.add_argument("--allow", action="append", type=_cidr, default=d(None), metavar="CIDR",
+                   help="only clients in these networks may connect (repeatable; IPv4 and IPv6)")
+    p.add_argument("--deny", action="append", type=_cidr, default=d(None), metavar="CIDR",
+                   help="clients in these networks may not connect (repeatable; wins over --allow)")
+    p.add_argument("--max-conns-per-client", type=_count(0), default=d(0), metavar="N",
+                   help="at most N live connections per client address; more are closed at once "
+                   "(default: 0, no limit)")
+    p.add_argument("--config", default=d(None), metavar="FILE.toml",
+                   help="read options from a TOML file (keys: the long option names; a list "
+                   "where an option repeats); the command line wins; SIGHUP re-reads it")
+    p.add_argument("--workers", type=_count(1), default=d(None), metavar="N",
                    help="splice worker threads per process (default: one per CPU)")
-    p.add_argument("--idle", type=_positive_float, default=None, metavar="SECONDS",
+    p.add_argument("--idle", type=_positive_float, default=d(None), metavar="SECONDS",
                    help="close a connection after this long with no byte moved either way "
                    "(default and inf: never)")
-    p.add_argument("--max-conns", type=_count(0), default=0, metavar="N",
+    p.add_argument("--max-conns", type=_count(0), default=d(0), metavar="N",
                    help="at most N live connections per process; more wait in the listen "
                    "backlog (default: 0, no limit)")
-    p.add_argument("--connect-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
-                   help="give up on an upstream address after this long, then try the next "
+    p.add_argument("--connect-timeout", type=_positive_float, default=d(10.0), metavar="SECONDS",
+                   help="give up on a backend address after this long, then try the next "
                    "one (default: 10; inf: never)")
-    p.add_argument("--nodelay", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--nodelay", action=argparse.BooleanOptionalAction, default=d(True),
                    help="set TCP_NODELAY on both legs (default: on)")
-    p.add_argument("--pipe-size", type=_count(4096), default=1 << 20, metavar="BYTES",
+    p.add_argument("--pipe-size", type=_count(4096), default=d(1 << 20), metavar="BYTES",
                    help="pipe size per splice in flight, F_SETPIPE_SZ (default: 1048576)")
-    p.add_argument("--bind-cpus", action="store_true",
+    p.add_argument("--bind-cpus", action="store_true", default=d(False),
                    help="bind worker thread i to the i-th CPU this process may use "
                    "(see docs/performance.md)")
-    p.add_argument("--reuse-port", action="store_true",
+    p.add_argument("--reuse-port", action="store_true", default=d(False),
                    help="set SO_REUSEPORT on the listening socket")
-    p.add_argument("--processes", type=_count(1), default=1, metavar="N",
+    p.add_argument("--processes", type=_count(1), default=d(1), metavar="N",
                    help="run N processes on the same port with SO_REUSEPORT (default: 1); "
                    "with --stats-listen, process i serves stats on PORT+i; a child that dies "
                    "is replaced")
-    p.add_argument("--grace", type=_seconds, default=10.0, metavar="SECONDS",
+    p.add_argument("--grace", type=_seconds, default=d(10.0), metavar="SECONDS",
                    help="on SIGINT/SIGTERM, how long live connections may finish "
                    "(default: 10; inf: until they end)")
-    p.add_argument("--stats-listen", type=_stats_addr, default=None, metavar="[HOST:]PORT",
+    p.add_argument("--stats-listen", type=_stats_addr, default=d(None), metavar="[HOST:]PORT",
                    help="serve /stats (JSON) and /metrics (Prometheus) over HTTP; "
                    "host defaults to 127.0.0.1 (default: off); at most 8 connections at "
                    "once, 5 s and an 8 KiB request head each")
-    p.add_argument("--log-level", default="info",
+    p.add_argument("--log-level", default=d("info"),
                    choices=["debug", "info", "warning", "error"],
                    help="logging level (default: info)")
     return parser
+
+
+def config_argv(path: str) -> list[list[str]]:
+    """The options a --config TOML file gives, as command-line words (one list per option
+    given); ConfigError naming the file and what is wrong in it."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        raise ConfigError(f"--config {path}: reading TOML needs Python 3.11 or later") from None
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path}: not valid TOML: {exc}") from None
+    words: list[list[str]] = []
+    for key, value in data.items():
+        name = key.replace("_", "-")
+        option = "--" + name
+        where = f"--config {path}: {key}"
+        if name in LIST_OPTIONS:
+            values = value if isinstance(value, list) else [value]
+        elif isinstance(value, list):
+            raise ConfigError(f"{where}: a list, but {option} takes one value")
+        else:
+            values = [value]
+        for item in values:
+            if name in FLAG_OPTIONS or name in BOOLEAN_OPTIONS:
+                if not isinstance(item, bool):
+                    raise ConfigError(f"{where}: expected true or false, not {item!r}")
+                if item:
+                    words.append([option])
+                elif name in BOOLEAN_OPTIONS:
+                    words.append(["--no-" + name])
+            elif name in VALUE_OPTIONS or name in LIST_OPTIONS:
+                if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+                    raise ConfigError(f"{where}: expected a string or a number, not {item!r}")
+                words.append([option, str(item)])
+            else:
+                raise ConfigError(f"{where}: not an option of proxy (see --help; a file may not "
+                                  "name another --config)")
+    return words
+
+
+def load_args(argv: list[str] | None, *, raising: bool = False) -> argparse.Namespace:
+    """The options from ``argv`` and the --config file it names (the command line wins; a
+    list option given there replaces the file's list). Exits with usage, or with
+    ``raising``, raises ConfigError, on any problem."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(raising=raising)
+    args = parser.parse_args(argv)
+    if args.command != "proxy":
+        return args
+    if args.config is not None:
+        try:
+            words = config_argv(args.config)
+        except ConfigError as exc:
+            parser.error(str(exc))
+        given = vars(build_parser(defaults=False, raising=raising).parse_args(argv))
+        kept = [w for chunk in words if _dest(chunk[0]) not in given for w in chunk]
+        args = parser.parse_args(argv + kept)
+    for name in ("listen", "connect"):
+        if getattr(args, name) is None:
+            parser.error(f"--{name} is required (on the command line or in the --config file)")
+    return args
+
+
+def _dest(option: str) -> str:
+    name = option[2:]
+    if name.startswith("no-"):
+        name = name[3:]
+    return name.replace("-", "_")
+
+
+def build_routes(args: argparse.Namespace, reuse: Routes | None = None) -> Routes:
+    """The routes the options describe; OSError when a backend's name does not resolve."""
+    return Routes(
+        args.connect,
+        balance=args.balance,
+        sni=args.sni or (),
+        allow=args.allow or (),
+        deny=args.deny or (),
+        max_per_client=args.max_conns_per_client,
+        accept_proxy=args.accept_proxy,
+        send_proxy=args.send_proxy,
+        head_timeout=args.head_timeout,
+        health_check=args.health_check,
+        rise=args.rise,
+        fall=args.fall,
+        resolve_every=args.resolve_every,
+        reuse=reuse,
+    )
 
 
 def raise_nofile_limit() -> int:
@@ -191,11 +399,35 @@ def raise_nofile_limit() -> int:
     return soft
 
 
-_IGNORED = {signal.SIGHUP: "SIGHUP", signal.SIGUSR1: "SIGUSR1"}
+_IGNORED = {signal.SIGUSR1: "SIGUSR1"}
 
 
 def _ignored_line(signum: int) -> str:
-    return f"{_IGNORED[signum]} received: ignored (reload is not supported yet)"
+    return f"{_IGNORED[signum]} received: ignored"
+
+
+def make_reloader(argv: list[str] | None, running: argparse.Namespace) -> Any:
+    """What SIGHUP runs (in a thread of the server's): read the options again, as at start,
+    and make new routes from them; ConfigError or OSError keeps the running ones."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+
+    def reload(routes: Routes) -> tuple[Routes, dict[str, Any]]:
+        args = load_args(argv, raising=True)
+        log = logging.getLogger("splicepool.proxy")
+        for key, value in sorted(vars(args).items()):
+            name = key.replace("_", "-")
+            if name not in RELOADABLE and name != "command" and value != getattr(running, key, None):
+                log.warning("reload: --%s changed; it takes effect when the proxy is restarted", name)
+        new = build_routes(args, reuse=routes)
+        logging.getLogger().setLevel(getattr(logging, args.log_level.upper()))
+        settings = {
+            "idle": None if args.idle == _INF else args.idle,
+            "connect_timeout": args.connect_timeout,
+            "max_conns": args.max_conns,
+        }
+        return new, settings
+
+    return reload
 
 
 def _warn_wildcard(what: str, address: tuple[Any, ...], why: str) -> None:
@@ -205,7 +437,7 @@ def _warn_wildcard(what: str, address: tuple[Any, ...], why: str) -> None:
         )
 
 
-def run_proxy(args: argparse.Namespace, index: int = 0) -> int:
+def run_proxy(args: argparse.Namespace, index: int = 0, argv: list[str] | None = None) -> int:
     """One proxy process: serve until SIGINT/SIGTERM, then wind down; exit status.
 
     1 if it cannot listen or serve stats, 2 if --connect is its own listening address; the
@@ -221,9 +453,16 @@ def run_proxy(args: argparse.Namespace, index: int = 0) -> int:
         except OSError as exc:
             log.error("cannot serve stats on %s: %s", format_addr(args.stats_listen), exc.strerror or exc)
             return 1
+    try:
+        routes = build_routes(args)
+    except (OSError, ValueError) as exc:
+        if stats is not None:
+            stats.close()
+        log.error("%s", exc)
+        return 2
     pool = SplicePool(workers=args.workers, pipe_size=args.pipe_size, bind_cpus=args.bind_cpus)
     try:
-        server = _server(args, pool)
+        server = _server(args, pool, routes, argv)
     except (OSError, ValueError) as exc:
         pool.close()
         if stats is not None:
@@ -240,8 +479,12 @@ def run_proxy(args: argparse.Namespace, index: int = 0) -> int:
     def on_ignored(signum: int, _frame: Any) -> None:
         server.warn_soon(_ignored_line(signum))
 
+    def on_reload(signum: int, _frame: Any) -> None:
+        server.request_reload()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_reload)
     for signum in _IGNORED:
         signal.signal(signum, on_ignored)
     _warn_wildcard("listening", server.address, "anyone who can reach this host can use the proxy")
@@ -258,11 +501,13 @@ def run_proxy(args: argparse.Namespace, index: int = 0) -> int:
     return 0
 
 
-def _server(args: argparse.Namespace, pool: SplicePool) -> ProxyServer:
+def _server(args: argparse.Namespace, pool: SplicePool, routes: Routes,
+            argv: list[str] | None = None) -> ProxyServer:
     return ProxyServer(
         args.listen,
-        args.connect,
+        routes,
         pool=pool,
+        reloader=make_reloader(argv, args) if args.config is not None else None,
         idle=None if args.idle == _INF else args.idle,
         max_conns=args.max_conns,
         connect_timeout=args.connect_timeout,
@@ -275,7 +520,7 @@ _RESTART_FIRST = 0.1  # seconds before replacing a dead child...
 _RESTART_MAX = 5.0  # ...doubling up to this while children keep dying fast
 _STABLE = 10.0  # a child that ran this long died "slowly": the next back-off starts over
 _CHILD_CRASHED = 70  # a child's exit status after an unexpected exception (EX_SOFTWARE)
-_SUPERVISOR_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, *_IGNORED}
+_SUPERVISOR_SIGNALS = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *_IGNORED}
 
 
 def _how_it_died(status: int) -> str:
@@ -289,7 +534,7 @@ def _how_it_died(status: int) -> str:
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
-def run_processes(args: argparse.Namespace) -> int:
+def run_processes(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """Supervise ``--processes`` children on one port.
 
     A child that dies is logged and replaced after a back-off; one that fails to start
@@ -316,7 +561,7 @@ def run_processes(args: argparse.Namespace) -> int:
                     signal.signal(signum, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-                status = run_proxy(args, index)
+                status = run_proxy(args, index, argv)
             except BaseException:
                 log.exception("process %d failed", index)
             finally:
@@ -347,6 +592,9 @@ def run_processes(args: argparse.Namespace) -> int:
                     log.info("stopping %d process(es)", len(pids))
                 stopping = info.si_signo
                 stop_all(stopping)
+            elif info is not None and info.si_signo == signal.SIGHUP and not stopping:
+                log.info("SIGHUP: %d process(es) reload", len(pids))
+                stop_all(signal.SIGHUP)  # each child re-reads the --config file itself
             elif info is not None and info.si_signo in _IGNORED:
                 log.warning("%s", _ignored_line(info.si_signo))
             while pids:  # reap every child that ended (SIGCHLDs may have merged)
@@ -387,8 +635,7 @@ def run_processes(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = load_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(process)d %(levelname)s %(message)s",
@@ -396,23 +643,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     limit = raise_nofile_limit()
     logging.getLogger("splicepool.proxy").debug("open-file limit: %d", limit)
-    connect = format_addr(args.connect)
     try:
-        upstreams = resolve(args.connect)
-    except OSError as exc:
-        raise SystemExit(f"--connect {connect}: {exc}") from None
+        routes = build_routes(args)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--connect: {exc}") from None
     try:
         listens = socket.getaddrinfo(*args.listen, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[:1]
     except OSError as exc:
         raise SystemExit(f"--listen {format_addr(args.listen)}: {exc}") from None
-    if any(loops_back(listen[4], up[4]) for listen in listens for up in upstreams):
-        parser.error(
-            f"--connect {connect} is this proxy's own --listen address "
-            "(every connection would loop back into the proxy)"
-        )
+    for backend in routes.backends:
+        if any(loops_back(listen[4], up[4]) for listen in listens for up in backend.addresses):
+            build_parser().error(
+                f"--connect {backend.name} is this proxy's own --listen address "
+                "(every connection would loop back into the proxy)"
+            )
     if args.processes > 1:
-        return run_processes(args)
-    return run_proxy(args)
+        return run_processes(args, argv)
+    return run_proxy(args, argv=argv)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ counters are served as JSON (``/stats``) and Prometheus text (``/metrics``).
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import os
 import re
@@ -20,12 +21,19 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from . import proxyproto, sni
+from ._sockets import MSG_NOSIGNAL
+from .backends import Backend, HealthChecker, Resolver
 from .pool import SplicePool
 from .relay import Proxy
+from .routes import PROXY_HEADER_MAX, Routes
+from .sni import MAX_HELLO
 
 TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
 if TYPE_CHECKING:
     from typing import Any
+
+    from .proxyproto import ProxyHeader
 
 
 log = logging.getLogger("splicepool.proxy")
@@ -118,41 +126,70 @@ class Counters:
     """Connection counts since start (read by the stats server, written by the loop)."""
 
     __slots__ = ("accepted", "live", "finished", "refused", "failed_connects", "bytes_up",
-                 "bytes_down", "reasons")
+                 "bytes_down", "reasons", "refusals", "reloads")
 
     def __init__(self) -> None:
         self.accepted = 0
         self.live = 0
         self.finished = 0
-        self.refused = 0
+        self.refused = 0  # accepted connections closed without being proxied (refusals counts why)
         self.failed_connects = 0
         self.bytes_up = 0  # of finished connections only
         self.bytes_down = 0
         self.reasons: dict[str, int] = {}
+        self.refusals: dict[str, int] = {}  # why clients were refused, by REFUSALS key
+        self.reloads = 0
+
+
+# Why an accepted client was closed before any backend was connected, as counted in /stats.
+REFUSALS = {
+    "access_list": "not allowed by --allow/--deny",
+    "client_limit": "over --max-conns-per-client",
+    "no_backend": "no backend up",
+    "bad_proxy_header": "no valid PROXY header",
+    "bad_client_hello": "a malformed TLS ClientHello",
+    "head_timeout": "no complete PROXY header or ClientHello in time",
+    "closed_early": "closed before its PROXY header or ClientHello",
+    "not_proxied": "the pool refused it (out of fds, closing)",
+    "shutting_down": "the proxy stopped while its head was read",
+}
+
+# What a connection is waiting for while the server holds it (before the pool takes it).
+_HEAD, _CONNECT, _PREFIX = 1, 2, 3
+HEAD_MAX = PROXY_HEADER_MAX + MAX_HELLO  # bytes read from a client before it is routed, at most
 
 
 class _Conn:
-    """One accepted connection: while its upstream connects, then until it is logged."""
+    """One accepted connection: while it is read from and connected, then until it is logged."""
 
-    __slots__ = ("id", "client", "peer", "started", "upstream", "deadline", "relay", "errors",
-                 "_server")
+    __slots__ = ("id", "client", "peer", "addr", "ip", "started", "upstream", "deadline",
+                 "relay", "errors", "stage", "routes", "head", "header", "order", "bi",
+                 "backend", "addrs", "ai", "prefix", "counted", "_server")
 
-    def __init__(self, server: ProxyServer, id: int, client: socket.socket, peer: str, started: float) -> None:
+    def __init__(self, server: ProxyServer, id: int, client: socket.socket, addr: Any, started: float,
+                 routes: Routes) -> None:
         self._server = server
         self.id = id
         self.client: socket.socket | None = client
-        self.peer = peer
+        self.addr = addr  # the client's address as accepted
+        self.ip = _plain_ip(addr[0])  # the client's IP: for the access list, limits and balance
+        self.peer = format_addr(addr)  # the client as logged
         self.started = started
+        self.routes = routes  # as they were when it was accepted: a reload never changes them
+        self.stage = 0
         self.upstream: socket.socket | None = None
         self.deadline = 0.0
         self.relay: Proxy | None = None
         self.errors: list[str] | None = None  # "address: error" of each address that failed
-
-    @property
-    def attempt(self) -> int:
-        """The index of the upstream address tried now (or connected to): one per failure."""
-        errors = self.errors
-        return len(errors) if errors else 0
+        self.head: bytearray | None = None  # bytes read before routing (PROXY header, ClientHello)
+        self.header: ProxyHeader | None = None  # the PROXY header the client sent
+        self.order: list[Backend] = []  # the backends to try, in order
+        self.bi = -1  # the index in order of the backend tried now
+        self.backend: Backend | None = None
+        self.addrs: tuple[Any, ...] = ()  # that backend's addresses, as they were when it was tried
+        self.ai = 0  # the index in addrs of the address tried now (or connected to)
+        self.prefix: bytes | None = None  # to send upstream before splicing (PROXY header, head)
+        self.counted = False  # counted in the server's per-client numbers
 
     def __call__(self, _relay: Proxy) -> None:
         """The relay's done callback (a worker thread): queue it for the loop to log."""
@@ -161,11 +198,20 @@ class _Conn:
 
 
 class ProxyServer:
-    """Accept on ``listen``, connect to ``connect``, splice the two with ``pool.proxy``.
+    """Accept on ``listen``, connect to a backend, splice the two with ``pool.proxy``.
 
-    ``connect`` is resolved once, here; each connection tries the resolved addresses in
-    order until one connects, ``connect_timeout`` seconds each (``inf``: no limit).
-    ``ValueError`` if ``connect`` is the listening address itself.
+    ``connect`` is one ``(host, port)``, a list of them, or a ``Routes`` (several backends,
+    balance, SNI routes, access lists, PROXY protocol: see ``splicepool.routes``). Names are
+    resolved once, here (and again every ``resolve_every`` seconds if the routes say so);
+    each connection tries its backends in the balance's order and each backend's addresses
+    in order until one connects, ``connect_timeout`` seconds each (``inf``: no limit).
+    ``ValueError`` if a backend is the listening address itself.
+
+    ``reload(routes)`` swaps the routes for new connections; ``reloader``, if given, is
+    called (in a thread of its own) by ``request_reload()`` to make them: it takes the
+    routes in use and returns the new ones and a dict of settings (``idle``,
+    ``connect_timeout``, ``max_conns``), or raises ``ValueError``/``OSError`` to keep the
+    old ones.
 
     ``on_finished(conn_id, peer, relay)``, if given, is called once per proxied
     connection after it has ended and been counted and logged, with the ``Proxy``
@@ -176,7 +222,7 @@ class ProxyServer:
     def __init__(
         self,
         listen: tuple[str, int],
-        connect: tuple[str, int],
+        connect: tuple[str, int] | list[tuple[str, int]] | Routes,
         *,
         pool: SplicePool,
         idle: float | None = None,
@@ -187,29 +233,28 @@ class ProxyServer:
         backlog: int = 1024,
         listener: socket.socket | None = None,
         on_finished: Callable[[int, str, Proxy], None] | None = None,
+        reloader: Callable[[Routes], tuple[Routes, dict[str, Any]]] | None = None,
     ) -> None:
         self.pool = pool
         self.on_finished = on_finished
+        self.reloader = reloader
         self.idle = idle
         self.max_conns = max_conns
         self.connect_timeout = connect_timeout
         self.nodelay = nodelay
         self.counters = Counters()
-        self._upstreams = resolve(connect)
-        addrs = [format_addr(info[4]) for info in self._upstreams]
-        if len(addrs) == 1:
-            self.connect_label = addrs[0]
+        if isinstance(connect, Routes):
+            routes = connect
         else:
-            self.connect_label = format_addr(connect)
-        self.connect_description = self.connect_label
-        if len(addrs) > 1 or addrs[0] != format_addr(connect):
-            self.connect_description = f"{format_addr(connect)} ({', '.join(addrs)})"
+            routes = Routes([connect] if isinstance(connect, tuple) else list(connect))
+        self.routes = routes
         self.listener = listener if listener is not None else _listen(listen, reuse_port, backlog)
         self.address = self.listener.getsockname()
-        if any(loops_back(self.address, info[4]) for info in self._upstreams):
+        looping = self.loops_back(routes)
+        if looping is not None:
             self.listener.close()
             raise ValueError(
-                f"{format_addr(connect)} is this proxy's own listening address "
+                f"{looping} is this proxy's own listening address "
                 "(every connection would loop back into the proxy)"
             )
         self.listener.setblocking(False)
@@ -220,16 +265,31 @@ class ProxyServer:
         self._paused_until = 0.0
         self._ids = 0
         self._connecting: dict[int, _Conn] = {}  # upstream fd -> connection
+        self._reading: dict[int, _Conn] = {}  # client fd -> connection whose head is read
         # Connect attempts in progress, oldest first: (deadline, conn, its upstream socket then).
         # With one timeout for all, that is deadline order. An entry whose connection has
         # connected, failed or moved on to its next address is stale: dropped when at the head.
         self._deadlines: deque[tuple[float, _Conn, socket.socket]] = deque()
+        self._head_deadlines: list[tuple[float, int, _Conn]] = []  # a heap: head timeouts change on reload
+        self._per_client: dict[str, int] = {}  # client ip -> connections (with a per-client limit)
         self._finished: deque[_Conn] = deque()  # filled by workers' done callbacks
         self._live: dict[int, _Conn] = {}  # proxied connections not logged yet, by id
         self._live_lock = threading.Lock()  # _live and the byte counters, against stats()
         self._notes: deque[str] = deque()  # warnings to log from the loop (signal handlers)
+        self._reloads: deque[tuple[Routes, dict[str, Any]] | str] = deque()  # from reload threads
+        self._reload_requested = False
+        self._reloading: threading.Thread | None = None
+        self._checker: HealthChecker | None = None
+        self._resolver: Resolver | None = None
         self._stopping = False
         self._stop_requested = False
+
+    def loops_back(self, routes: Routes) -> str | None:
+        """The name of a backend of ``routes`` that is this proxy's own listening address."""
+        for backend in routes.backends:
+            if any(loops_back(self.address, info[4]) for info in backend.addresses):
+                return backend.name
+        return None
 
     # -- control from other threads / signal handlers --------------------------
     def stop(self) -> None:
@@ -242,6 +302,18 @@ class ProxyServer:
         self._notes.append(message)
         self._wake()
 
+    def request_reload(self) -> None:
+        """Have the loop call the ``reloader`` in a thread and use what it returns
+        (thread- and signal-safe)."""
+        self._reload_requested = True
+        self._wake()
+
+    def reload(self, routes: Routes, **settings: Any) -> None:
+        """Use ``routes`` (and ``settings``: ``idle``, ``connect_timeout``, ``max_conns``) for
+        new connections from now on; live ones keep theirs. Thread-safe: the loop applies it."""
+        self._reloads.append((routes, settings))
+        self._wake()
+
     def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"x")
@@ -252,7 +324,8 @@ class ProxyServer:
     def serve_forever(self, grace: float = 10.0) -> None:
         """Serve until ``stop()``; then let live connections finish for ``grace`` seconds."""
         self._set_accepting(True)
-        log.info("listening on %s, proxying to %s", format_addr(self.address), self.connect_description)
+        self._start_upkeep()
+        log.info("listening on %s, proxying to %s", format_addr(self.address), self.routes.describe())
         drain_until = None
         try:
             while True:
@@ -286,6 +359,9 @@ class ProxyServer:
         timeout = None
         if self._deadlines:
             timeout = max(0.0, self._deadlines[0][0] - now)
+        if self._head_deadlines:
+            left = max(0.0, self._head_deadlines[0][0] - now)
+            timeout = left if timeout is None else min(timeout, left)
         if self._paused_until:
             left = max(0.0, self._paused_until - now)
             timeout = left if timeout is None else min(timeout, left)
@@ -296,19 +372,26 @@ class ProxyServer:
 
     def _run_once(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
         for key, _mask in events:
-            if key.data == "wake":
+            data = key.data
+            if data == "wake":
                 try:
                     os.read(self._wake_r, 4096)
                 except BlockingIOError:
                     pass
-            elif key.data == "listen":
+            elif data == "listen":
                 self._accept()
+            elif data.stage == _HEAD:
+                self._read_head(data)
+            elif data.stage == _PREFIX:
+                self._send_prefix(data)
             else:
-                self._connected(key.data)
+                self._connected(data)
         while self._notes:
             log.warning("%s", self._notes.popleft())
         while self._finished:
             self._log_finished(self._finished.popleft())
+        if self._reload_requested or self._reloads:
+            self._reload_step()
         now = time.monotonic()
         deadlines = self._deadlines
         while deadlines:
@@ -320,12 +403,20 @@ class ProxyServer:
                 self._attempt_failed(conn, OSError(errno.ETIMEDOUT, "connect timed out"))
             else:
                 deadlines.popleft()
+        heads = self._head_deadlines
+        while heads and heads[0][0] <= now:
+            conn = heapq.heappop(heads)[2]
+            if conn.stage == _HEAD:
+                what = "PROXY header" if conn.routes.accept_proxy and conn.header is None else "ClientHello"
+                self._refuse(conn, "head_timeout", f"refused: no complete {what} within {conn.routes.head_timeout:g} s")
         if self._paused_until and now >= self._paused_until:
             self._paused_until = 0.0
         self._set_accepting(not self._stopping and not self._paused_until and not self._full())
 
     def _full(self) -> bool:
-        return bool(self.max_conns) and self.counters.live + len(self._connecting) >= self.max_conns
+        return bool(self.max_conns) and (
+            self.counters.live + len(self._connecting) + len(self._reading) >= self.max_conns
+        )
 
     def _set_accepting(self, on: bool) -> None:
         if on == self._accepting:
@@ -336,8 +427,9 @@ class ProxyServer:
         else:
             self._sel.unregister(self.listener)
 
-    # -- accepting and connecting ------------------------------------------------
+    # -- accepting ------------------------------------------------------------------
     def _accept(self) -> None:
+        routes = self.routes
         for _ in range(ACCEPT_BURST):
             if self._full():
                 return
@@ -350,65 +442,262 @@ class ProxyServer:
                 return
             if got is None:
                 return
-            client, peer = got
+            client, addr = got
             self.counters.accepted += 1
             self._ids += 1
-            conn = _Conn(self, self._ids, client, format_addr(peer), time.monotonic())
+            conn = _Conn(self, self._ids, client, addr, time.monotonic(), routes)
             if self.nodelay:
                 try:
                     client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 except OSError:
                     pass
+            if routes.reads_head:
+                self._start_head(conn)
+            elif routes.acl or routes.max_per_client:
+                self._admit(conn)
+            else:  # the common path: nothing to check, one balance to ask
+                conn.order = routes.default.order(conn.ip)
+                self._route(conn)
+
+    def _refuse(self, conn: _Conn, why: str, detail: str, level: int = logging.WARNING) -> None:
+        """Close a client that will not be proxied; count it under ``why`` (a REFUSALS key)."""
+        if conn.stage == _HEAD:
+            self._end_head(conn)
+        if conn.counted:
+            self._uncount(conn)
+        conn.stage = 0
+        client = conn.client
+        if client is not None:
+            conn.client = None
+            client.close()
+        c = self.counters
+        c.refused += 1
+        c.refusals[why] = c.refusals.get(why, 0) + 1
+        log.log(level, "conn %d %s: %s", conn.id, conn.peer, detail)
+
+    def _uncount(self, conn: _Conn) -> None:
+        conn.counted = False
+        left = self._per_client[conn.ip] - 1
+        if left:
+            self._per_client[conn.ip] = left
+        else:
+            del self._per_client[conn.ip]
+
+    # -- reading the head: a PROXY header, a ClientHello ---------------------------------
+    def _start_head(self, conn: _Conn) -> None:
+        client = conn.client
+        assert client is not None
+        conn.stage = _HEAD
+        conn.head = bytearray()
+        conn.deadline = time.monotonic() + conn.routes.head_timeout
+        self._reading[client.fileno()] = conn
+        self._sel.register(client, selectors.EVENT_READ, conn)
+        heapq.heappush(self._head_deadlines, (conn.deadline, conn.id, conn))
+        self._read_head(conn)  # its first bytes often came with the handshake: no wait for them
+
+    def _end_head(self, conn: _Conn) -> None:
+        client = conn.client
+        assert client is not None
+        self._sel.unregister(client)
+        del self._reading[client.fileno()]
+        conn.stage = 0
+        conn.deadline = 0.0
+
+    def _read_head(self, conn: _Conn) -> None:
+        """Read what the client sent; route it once its head is whole."""
+        head = conn.head
+        client = conn.client
+        assert head is not None and client is not None
+        if len(head) >= HEAD_MAX:  # the parsers' own bounds are lower: a safety net
+            self._refuse(conn, "bad_client_hello", f"refused: no complete head in {len(head)} bytes")
+            return
+        try:
+            data = client.recv(HEAD_MAX - len(head))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._refuse(conn, "closed_early", f"closed: read failed before its head was whole: {exc.strerror or exc}")
+            return
+        if not data:
+            if head:
+                self._refuse(conn, "closed_early", f"client closed after {len(head)} bytes, before its head was whole")
+            else:  # what TCP health checks do: not worth a warning
+                self._refuse(conn, "closed_early", "client closed before sending anything", logging.DEBUG)
+            return
+        head += data
+        routes = conn.routes
+        start = 0
+        if routes.accept_proxy:
+            header = conn.header
+            if header is None:
+                try:
+                    header = proxyproto.parse(head, max_size=PROXY_HEADER_MAX)
+                except proxyproto.ProxyProtocolError as exc:
+                    self._refuse(conn, "bad_proxy_header", f"refused: no valid PROXY header: {printable(str(exc))}")
+                    return
+                if header is None:
+                    return  # not whole yet: wait for more (HEAD_MAX bounds it)
+                self._take_header(conn, header)
+            start = header.length
+        name = None
+        if routes.routes_by_name:
+            try:
+                hello = sni.parse_client_hello(head[start:] if start else head)
+            except sni.NotTLS:
+                hello = None
+                name = ""  # not TLS at all: the default backends, as a client without SNI
+            except sni.ClientHelloError as exc:
+                self._refuse(conn, "bad_client_hello", f"refused: malformed TLS ClientHello: {printable(str(exc))}")
+                return
+            if hello is None and name is None:
+                return  # not whole yet: wait for more
+            if hello is not None:
+                name = hello.server_name
+        self._end_head(conn)
+        conn.head = None
+        if start < len(head):
+            conn.prefix = bytes(head[start:])  # sent upstream as it came, before splicing
+        self._admit(conn, name or None)
+
+    def _take_header(self, conn: _Conn, header: ProxyHeader) -> None:
+        """The client is whom the PROXY header says (unless it is a LOCAL one, as a health
+        check of the balancer in front sends): log, check and balance it by that address."""
+        conn.header = header
+        if header.local or header.source is None:
+            return
+        conn.ip = _plain_ip(header.source[0])
+        conn.peer = f"{format_addr(header.source)} via {conn.peer}"
+
+    # -- admitting, routing and connecting ---------------------------------------------
+    def _admit(self, conn: _Conn, server_name: str | None = None) -> None:
+        """Check the client against the access list and the per-client limit, then route it."""
+        routes = conn.routes
+        ip = conn.ip
+        if routes.acl and not routes.acl.permits(ip):
+            self._refuse(conn, "access_list", f"refused: {ip} is not allowed ({routes.acl.describe()})", logging.INFO)
+            return
+        if routes.max_per_client:
+            n = self._per_client.get(ip, 0)
+            if n >= routes.max_per_client:
+                self._refuse(conn, "client_limit", f"refused: {ip} has {n} connections already (the limit)", logging.INFO)
+                return
+            self._per_client[ip] = n + 1
+            conn.counted = True
+        conn.order = routes.order(ip, server_name)
+        if routes.send_proxy:
+            header = self._proxy_header(conn)
+            conn.prefix = header + conn.prefix if conn.prefix else header
+        self._route(conn)
+
+    def _proxy_header(self, conn: _Conn) -> bytes:
+        """The PROXY header to send upstream: the client's address and the one it connected
+        to (as a received header gave them, else as the sockets say)."""
+        got = conn.header
+        if got is not None and not got.local and got.source is not None and got.dest is not None:
+            source, dest = got.source, got.dest
+        else:
+            assert conn.client is not None
+            source = (conn.addr[0], conn.addr[1])
+            dest = conn.client.getsockname()[:2]
+        source, dest = _same_family(source, dest)
+        if conn.routes.send_proxy == "v1":
+            return proxyproto.encode_v1(source, dest)
+        return proxyproto.encode_v2(source, dest)
+
+    def _route(self, conn: _Conn) -> None:
+        if not conn.order:
+            self._refuse(conn, "no_backend", "refused: no backend is up")
+            return
+        if self._next_backend(conn):
             self._start_connect(conn)
+        else:
+            self._connect_failed(conn)
+
+    def _next_backend(self, conn: _Conn) -> bool:
+        """Move ``conn`` on to the next backend of its order that has an address; False
+        when none is left."""
+        while True:
+            backend = conn.backend
+            if backend is not None:
+                backend.live -= 1
+                backend.failures += 1
+                conn.backend = None
+            conn.bi += 1
+            if conn.bi >= len(conn.order):
+                return False
+            backend = conn.order[conn.bi]
+            addrs = backend.addresses
+            if not addrs:
+                self._note(conn, f"{backend.name}: no address (its name did not resolve)")
+                continue
+            backend.live += 1
+            conn.backend = backend
+            conn.addrs = addrs
+            conn.ai = 0
+            return True
 
     def _start_connect(self, conn: _Conn) -> None:
-        """Connect ``conn`` to its next upstream address that does not fail at once."""
-        while conn.attempt < len(self._upstreams):
-            family, type_, proto, _, addr = self._upstreams[conn.attempt]
-            try:
-                up = socket.socket(family, type_, proto)
-            except OSError as exc:
-                self.counters.refused += 1
-                log.warning("conn %d %s: no socket for upstream (%s); closed", conn.id, conn.peer, exc.strerror)
-                conn.client.close()
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    self._paused_until = time.monotonic() + EMFILE_BACKOFF
-                return
-            up.setblocking(False)
-            if self.nodelay:
+        """Connect ``conn`` to its next address, or its next backend's, that does not fail at once."""
+        while True:
+            addrs = conn.addrs
+            while conn.ai < len(addrs):
+                family, type_, proto, _, addr = addrs[conn.ai]
                 try:
-                    up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
-            err = up.connect_ex(addr)
-            conn.upstream = up
-            if err in (0, errno.EISCONN):
-                self._hand_over(conn)
+                    up = socket.socket(family, type_, proto)
+                except OSError as exc:
+                    self._refuse(conn, "not_proxied", f"no socket for upstream ({exc.strerror}); closed")
+                    if conn.backend is not None:
+                        conn.backend.live -= 1
+                        conn.backend = None
+                    if exc.errno in (errno.EMFILE, errno.ENFILE):
+                        self._paused_until = time.monotonic() + EMFILE_BACKOFF
+                    return
+                up.setblocking(False)
+                if self.nodelay:
+                    try:
+                        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    except OSError:
+                        pass
+                err = up.connect_ex(addr)
+                conn.upstream = up
+                if err in (0, errno.EISCONN):
+                    self._connect_done(conn)
+                    return
+                if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
+                    conn.stage = _CONNECT
+                    self._wait_upstream(conn, up)
+                    return
+                up.close()
+                conn.upstream = None
+                self._note_failure(conn, OSError(err, os.strerror(err)))
+            if not self._next_backend(conn):
+                self._connect_failed(conn)
                 return
-            if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
-                conn.deadline = time.monotonic() + self.connect_timeout
-                self._connecting[up.fileno()] = conn
-                self._sel.register(up, selectors.EVENT_WRITE, conn)
-                self._deadlines.append((conn.deadline, conn, up))
-                return
-            up.close()
-            conn.upstream = None
-            self._note_failure(conn, OSError(err, os.strerror(err)))
-        self._connect_failed(conn)
+
+    def _wait_upstream(self, conn: _Conn, up: socket.socket) -> None:
+        """Wait (at most connect_timeout) for ``up`` to be writable: connected, or room to
+        send the rest of the prefix."""
+        conn.deadline = time.monotonic() + self.connect_timeout
+        self._connecting[up.fileno()] = conn
+        self._sel.register(up, selectors.EVENT_WRITE, conn)
+        self._deadlines.append((conn.deadline, conn, up))
 
     def _note_failure(self, conn: _Conn, exc: OSError) -> None:
         """Record that the current address failed; move ``conn`` on to the next one."""
-        addr = format_addr(self._upstreams[conn.attempt][4])
+        addrs = conn.addrs
+        addr = format_addr(addrs[conn.ai][4])
         reason = exc.strerror or str(exc)
-        self._note(conn, f"{addr}: {reason}" if len(self._upstreams) > 1 else reason)
-        if conn.attempt < len(self._upstreams):
+        several = len(addrs) > 1 or len(conn.order) > 1
+        self._note(conn, f"{addr}: {reason}" if several else reason)
+        conn.ai += 1
+        if conn.ai < len(addrs):
             log.debug(
                 "conn %d %s: upstream %s: %s; trying %s",
                 conn.id,
                 conn.peer,
                 addr,
                 reason,
-                format_addr(self._upstreams[conn.attempt][4]),
+                format_addr(addrs[conn.ai][4]),
             )
 
     def _drop_attempt(self, conn: _Conn) -> None:
@@ -437,12 +726,52 @@ class ProxyServer:
         self._sel.unregister(up)
         del self._connecting[up.fileno()]
         conn.deadline = 0.0
+        self._connect_done(conn)
+
+    def _connect_done(self, conn: _Conn) -> None:
+        if conn.prefix is None:
+            self._hand_over(conn)
+        else:
+            self._send_prefix(conn)
+
+    def _send_prefix(self, conn: _Conn) -> None:
+        """Send the PROXY header and the bytes read from the client, before any other byte."""
+        up = conn.upstream
+        prefix = conn.prefix
+        assert up is not None and prefix is not None
+        try:
+            sent = up.send(prefix, MSG_NOSIGNAL)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            if conn.stage == _PREFIX:
+                self._drop_attempt(conn)
+            else:
+                up.close()
+                conn.upstream = None
+            self._note_failure(conn, exc)
+            self._start_connect(conn)
+            return
+        if sent < len(prefix):
+            conn.prefix = prefix[sent:]
+            if conn.stage != _PREFIX:
+                conn.stage = _PREFIX
+                self._wait_upstream(conn, up)
+            return
+        conn.prefix = None
+        if conn.stage == _PREFIX:
+            self._sel.unregister(up)
+            del self._connecting[up.fileno()]
+            conn.deadline = 0.0
         self._hand_over(conn)
 
     def _cancel(self, conn: _Conn) -> None:
         """Give up a connect in progress (shutting down)."""
         self._drop_attempt(conn)
         self._note(conn, "shutting down")
+        if conn.backend is not None:
+            conn.backend.live -= 1
+            conn.backend = None
         self._connect_failed(conn)
 
     @staticmethod
@@ -454,15 +783,21 @@ class ProxyServer:
         conn.errors.append(error)
 
     def _connect_failed(self, conn: _Conn) -> None:
-        """Every address failed (or the server stops): close the client, count, log."""
+        """Every backend failed (or the server stops): close the client, count, log."""
         conn.deadline = 0.0
-        conn.client.close()
+        conn.stage = 0
+        if conn.counted:
+            self._uncount(conn)
+        client = conn.client
+        assert client is not None
+        conn.client = None
+        client.close()
         self.counters.failed_connects += 1
         log.warning(
             "conn %d %s -> %s: upstream connect failed: %s; client closed",
             conn.id,
             conn.peer,
-            self.connect_label,
+            ", ".join(b.name for b in conn.order) or "-",
             "; ".join(conn.errors or ()),
         )
 
@@ -471,18 +806,22 @@ class ProxyServer:
         assert client is not None and up is not None
         conn.client = conn.upstream = None
         conn.deadline = 0.0
+        conn.stage = 0
         # The pool takes the bare fds (it owns them from here): no socket object
         # per connection stays alive while it is proxied.
         a, b = client.detach(), up.detach()
         try:
             relay = self.pool.proxy(a, b, idle=self.idle, wait=False)
         except (OSError, RuntimeError) as exc:
-            self.counters.refused += 1
-            log.warning("conn %d %s: not proxied: %s", conn.id, conn.peer, _name_sides(str(exc)))
             os.close(a)
             os.close(b)
+            backend = conn.backend
+            if backend is not None:
+                backend.live -= 1
+            self._refuse(conn, "not_proxied", f"not proxied: {_name_sides(str(exc))}")
             return
         conn.relay = relay
+        conn.backend.connections += 1  # type: ignore[union-attr]
         with self._live_lock:
             self._live[conn.id] = conn
             self.counters.live += 1
@@ -490,7 +829,8 @@ class ProxyServer:
 
     def _log_finished(self, conn: _Conn) -> None:
         relay = conn.relay
-        assert relay is not None
+        backend = conn.backend
+        assert relay is not None and backend is not None
         c = self.counters
         up, down = relay.forward.transferred, relay.reverse.transferred
         with self._live_lock:  # from live to finished at once: stats() never counts it twice
@@ -499,6 +839,11 @@ class ProxyServer:
             c.finished += 1
             c.bytes_up += up
             c.bytes_down += down
+            backend.live -= 1
+            backend.bytes_up += up
+            backend.bytes_down += down
+        if conn.counted:
+            self._uncount(conn)
         reason = relay.reason.name if relay.reason else "?"
         c.reasons[reason] = c.reasons.get(reason, 0) + 1
         error = f" error={relay.error.strerror}" if relay.error is not None else ""
@@ -506,7 +851,7 @@ class ProxyServer:
             "conn %d %s -> %s up=%d down=%d duration=%.3fs reason=%s%s",
             conn.id,
             conn.peer,
-            format_addr(self._upstreams[conn.attempt][4]),
+            format_addr(conn.addrs[conn.ai][4]),
             up,
             down,
             time.monotonic() - conn.started,
@@ -519,17 +864,95 @@ class ProxyServer:
             except Exception:
                 log.exception("conn %d: on_finished callback failed", conn.id)
 
+    # -- reloading -------------------------------------------------------------------
+    def _reload_step(self) -> None:
+        """Start the reloader thread when asked; apply what reload threads made."""
+        if self._reload_requested and (self._reloading is None or not self._reloading.is_alive()):
+            self._reload_requested = False
+            if self.reloader is None:
+                log.warning("reload: no --config file to read again; ignored")
+            else:
+                thread = threading.Thread(target=self._make_routes, name="splicepool-reload", daemon=True)
+                self._reloading = thread
+                thread.start()
+        while self._reloads:
+            made = self._reloads.popleft()
+            if isinstance(made, str):
+                log.error("reload failed, keeping the running configuration: %s", made)
+                continue
+            routes, settings = made
+            looping = self.loops_back(routes)
+            if looping is not None:
+                log.error("reload failed, keeping the running configuration: %s is this proxy's "
+                          "own listening address", looping)
+                continue
+            self._stop_upkeep()
+            if not routes.health_check:
+                for backend in routes.backends:
+                    backend.up = True  # no checks say otherwise any more
+            self.routes = routes
+            for name in ("idle", "connect_timeout", "max_conns"):
+                if name in settings:
+                    setattr(self, name, settings[name])
+            self.counters.reloads += 1
+            if not self._stopping:
+                self._start_upkeep()
+            log.info("reloaded: proxying to %s", routes.describe())
+
+    def _make_routes(self) -> None:
+        """The reloader, in a thread of its own (it may resolve names): post its result."""
+        assert self.reloader is not None
+        try:
+            self._reloads.append(self.reloader(self.routes))
+        except (OSError, ValueError) as exc:
+            self._reloads.append(str(exc))
+        except Exception as exc:  # a bug in the reloader must not end the proxy
+            log.exception("reloader failed")
+            self._reloads.append(f"{type(exc).__name__}: {exc}")
+        self._wake()
+
+    def _start_upkeep(self) -> None:
+        """Start the health checks and the re-resolution the routes ask for."""
+        routes = self.routes
+        if routes.health_check:
+            self._checker = HealthChecker(
+                routes.backends,
+                interval=routes.health_check,
+                rise=routes.rise,
+                fall=routes.fall,
+                timeout=min(routes.health_check, self.connect_timeout, 5.0),
+            )
+            self._checker.start()
+        if routes.resolve_every:
+            self._resolver = Resolver(routes.backends, routes.resolve_every)
+            self._resolver.start()
+
+    def _stop_upkeep(self) -> None:
+        if self._checker is not None:
+            self._checker.stop()
+            self._checker = None
+        if self._resolver is not None:
+            self._resolver.stop()
+            self._resolver = None
+
     # -- stopping ------------------------------------------------------------------
     def _begin_stop(self) -> None:
         self._stopping = True
         self._set_accepting(False)
         self.listener.close()
+        self._stop_upkeep()
+        self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        """Close the connections not proxied yet: heads being read, connects in progress."""
+        for conn in list(self._reading.values()):
+            self._refuse(conn, "shutting_down", "closed unproxied: the proxy is stopping", logging.INFO)
         for conn in list(self._connecting.values()):
             self._cancel(conn)
 
     def _shutdown(self) -> None:
-        for conn in list(self._connecting.values()):
-            self._cancel(conn)
+        self._stop_upkeep()
+        self._drop_pending()
         self.pool.close(grace=1.0)
         while self._finished:
             self._log_finished(self._finished.popleft())
@@ -549,10 +972,26 @@ class ProxyServer:
         ``live_bytes_up``/``live_bytes_down``: what the connections still live have moved so
         far (read together with the finished counts, so the two never overlap or miss one)."""
         c = self.counters
+        routes = self.routes
+        backends = {id(b): b.stats() for b in routes.backends}
+        for entry in backends.values():
+            entry["live_bytes_up"] = entry["live_bytes_down"] = 0
+        live_up = live_down = 0
         with self._live_lock:
-            relays = [conn.relay for conn in self._live.values()]
-            live_up = sum(r.forward.transferred for r in relays if r is not None)
-            live_down = sum(r.reverse.transferred for r in relays if r is not None)
+            for conn in self._live.values():
+                relay, backend = conn.relay, conn.backend
+                if relay is None or backend is None:
+                    continue
+                up, down = relay.forward.transferred, relay.reverse.transferred
+                live_up += up
+                live_down += down
+                entry = backends.get(id(backend))
+                if entry is None:  # a backend a reload took out, with connections still live
+                    entry = backends[id(backend)] = backend.stats()
+                    entry["live_bytes_up"] = entry["live_bytes_down"] = 0
+                    entry["retired"] = True
+                entry["live_bytes_up"] += up
+                entry["live_bytes_down"] += down
             bytes_up, bytes_down, live, finished = c.bytes_up, c.bytes_down, c.live, c.finished
         return {
             "connections": {
@@ -567,7 +1006,12 @@ class ProxyServer:
                 "live_bytes_up": live_up,
                 "live_bytes_down": live_down,
                 "reasons": dict(c.reasons),
+                "refusals": dict(c.refusals),
+                "reading_head": len(self._reading),
+                "reloads": c.reloads,
             },
+            "backends": list(backends.values()),
+            "routes": routes.options(),
             "pool": self.pool.stats(),
         }
 
@@ -617,6 +1061,36 @@ class ProxyServer:
             "Finished connections by end reason.",
             [(f'{{reason="{r}"}}', n) for r, n in sorted(conns["reasons"].items())],
         )
+        metric(
+            "connections_refused_by_reason_total",
+            "counter",
+            "Accepted connections closed unproxied, by why.",
+            [(f'{{reason="{r}"}}', n) for r, n in sorted(conns["refusals"].items())],
+        )
+        backends = st["backends"]
+
+        def per_backend(key: str) -> list[tuple[str, float]]:
+            return [(f'{{backend="{b["name"]}"}}', b[key]) for b in backends]
+
+        metric("backend_up", "gauge", "Whether each backend is up (1) or down (0).",
+               [(f'{{backend="{b["name"]}"}}', int(b["up"])) for b in backends])
+        metric("backend_connections_live", "gauge", "Connections to each backend now.", per_backend("live"))
+        metric("backend_connections_total", "counter", "Connections each backend has taken.",
+               per_backend("connections"))
+        metric("backend_connect_failures_total", "counter",
+               "Connects to each backend that failed (every address).", per_backend("failures"))
+        metric("backend_checks_failed_total", "counter", "Failed health checks of each backend.",
+               per_backend("checks_failed"))
+        metric(
+            "backend_bytes_total",
+            "counter",
+            "Bytes moved by each backend's connections, finished and live, by direction.",
+            [
+                (f'{{backend="{b["name"]}",direction="{d}"}}', b[f"bytes_{d}"] + b[f"live_bytes_{d}"])
+                for b in backends
+                for d in ("up", "down")
+            ],
+        )
         metric("splices_live", "gauge", "Live splices in the pool.", [("", pool["live"])])
         workers = pool["workers"]
         for name, key, help_ in (
@@ -632,6 +1106,18 @@ class ProxyServer:
             [(f'{{worker="{w["index"]}"}}', w["live"]) for w in workers],
         )
         return "\n".join(lines) + "\n"
+
+
+def _same_family(source: tuple[str, int], dest: tuple[str, int]) -> tuple[tuple[str, int], tuple[str, int]]:
+    """A PROXY header's two addresses in one family: IPv4-mapped IPv6 addresses as IPv4,
+    and, when one is IPv6 and the other IPv4 still, the IPv4 one mapped into IPv6."""
+    src, dst = (_plain_ip(source[0]), source[1]), (_plain_ip(dest[0]), dest[1])
+    if (":" in src[0]) != (":" in dst[0]):
+        if ":" in src[0]:
+            dst = ("::ffff:" + dst[0], dst[1])
+        else:
+            src = ("::ffff:" + src[0], src[1])
+    return src, dst
 
 
 class OutOfFds(Exception):

@@ -55,7 +55,7 @@ Standard library only.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections import namedtuple
 
 __all__ = ["MAX_HELLO", "ClientHello", "ClientHelloError", "NotTLS", "parse_client_hello"]
 
@@ -86,16 +86,14 @@ class NotTLS(ClientHelloError):
     """The first bytes are not a TLS handshake record at all (a plain-text client, say)."""
 
 
-class ClientHello(NamedTuple):
-    """What ``parse_client_hello`` found in one complete ClientHello."""
+ClientHello = namedtuple("ClientHello", ["server_name", "alpn", "length"])
+ClientHello.__doc__ = """What ``parse_client_hello`` found in one complete ClientHello.
 
-    #: The host_name of the server_name extension: ASCII, lowercased, one trailing dot
-    #: removed; None when the client sent no SNI.
-    server_name: str | None
-    #: The ALPN protocol names offered, in order (() when none).
-    alpn: tuple[str, ...]
-    #: Bytes of input the records holding the ClientHello took (nothing is consumed).
-    length: int
+``server_name``: the host_name of the server_name extension: ASCII, lowercased, one
+trailing dot removed; None when the client sent no SNI. ``alpn``: the ALPN protocol
+names offered, in order (() when none). ``length``: bytes of input the records holding
+the ClientHello took (nothing is consumed).
+"""
 
 
 class _Incomplete(Exception):

@@ -486,7 +486,7 @@ def test_max_conns_leaves_the_third_in_the_backlog_until_one_ends(upstreams, sta
         # too, if it were watched); the second is logged a full turn after the first.
         for turn in (1, 2):
             proxy.signal(signal.SIGUSR1)
-            proxy.wait_log(r" WARNING SIGUSR1 received: ignored ", count=turn)
+            proxy.wait_log(r" WARNING SIGUSR1 received: ignored$", count=turn)
         assert upstream.accepted == 2
         st = proxy.stats()["connections"]
         assert (st["accepted"], st["live"], st["connecting"]) == (2, 2, 0)

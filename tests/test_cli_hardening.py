@@ -42,13 +42,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 # -- 8. signals --------------------------------------------------------------------------------
-def test_sighup_and_sigusr1_are_logged_and_ignored(upstreams, start_proxy):
+def test_sighup_without_config_and_sigusr1_are_logged_and_ignored(upstreams, start_proxy):
     proxy = start_proxy(upstreams().addr)
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as live:
         ping(live)
-        for signum, name in ((signal.SIGHUP, "SIGHUP"), (signal.SIGUSR1, "SIGUSR1")):
+        for signum, line in (
+            (signal.SIGHUP, r"reload: no --config file to read again; ignored"),
+            (signal.SIGUSR1, r"SIGUSR1 received: ignored"),
+        ):
             proxy.signal(signum)
-            proxy.wait_log(rf" WARNING {name} received: ignored \(reload is not supported yet\)$")
+            proxy.wait_log(rf" WARNING {line}$")
             assert proxy.proc.poll() is None, proxy.log()
         ping(live, b"after the signals")  # no drain, no cut
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as fresh:
@@ -101,9 +104,11 @@ def test_processes_replace_a_killed_child_and_exit_0_on_sigterm(upstreams, start
             break
     assert newest in serving, (newest, serving)
     assert serving <= {first[1], newest}
-    # The parent ignores SIGHUP too.
+    # The parent passes SIGHUP on to its children (with no --config, each says so).
     proxy.signal(signal.SIGHUP)
-    proxy.wait_log(rf"^\S+ \S+ {proxy.pid} WARNING SIGHUP received: ignored")
+    proxy.wait_log(rf"^\S+ \S+ {proxy.pid} INFO SIGHUP: 2 process\(es\) reload$")
+    for pid in (first[1], newest):
+        proxy.wait_log(rf"^\S+ \S+ {pid} WARNING reload: no --config file to read again; ignored$")
     assert proxy.proc.poll() is None
 
     proxy.signal(signal.SIGTERM)

@@ -1,0 +1,195 @@
+"""Routes: who may connect to the proxy, what it reads first, and where each connection goes.
+
+A ``Routes`` is built once from options (``--connect``, ``--balance``, ``--sni``, ``--allow``,
+``--deny``, ``--max-conns-per-client``, ``--accept-proxy``, ``--send-proxy``, ...) and never
+changed: a reload builds a new one, and ``ProxyServer.reload`` swaps it whole, so a new
+connection sees either the old routes or the new ones, never a mix. Connections already
+made keep the backend they were given.
+
+The server asks it, per connection: ``reads_head`` (must it read a PROXY header or a
+ClientHello before connecting?), ``acl.permits(ip)``, then ``order(ip, server_name)``: the
+backends to try, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from .acl import AccessList
+from .backends import BALANCES, Backend, BackendSet, format_hostport
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+SEND_PROXY_VERSIONS = ("v1", "v2")
+HEAD_TIMEOUT = 5.0  # seconds a client has to send its PROXY header and ClientHello (default)
+PROXY_HEADER_MAX = 16 + 4096  # the largest PROXY v2 header accepted (TLVs included)
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
+
+
+def sni_name(text: str) -> str:
+    """A ``--sni`` server name made canonical (lowercase, no trailing dot), or ValueError.
+
+    ``*.example.com`` matches one or more labels in front of ``example.com`` (not
+    ``example.com`` itself), as a certificate's wildcard would match one of them."""
+    name = text.strip().lower()
+    if name.endswith("."):
+        name = name[:-1]
+    bare = name[2:] if name.startswith("*.") else name
+    if not bare or len(name) > 253 or not set(bare) <= _NAME_CHARS or "*" in bare or ".." in bare:
+        raise ValueError(f"{text!r} is not a server name (letters, digits, '-', '_', '.'; "
+                         "or *.NAME for every name under NAME)")
+    return name
+
+
+def _with_addresses(backend: Backend) -> str:
+    """``localhost:8080 ([::1]:8080, 127.0.0.1:8080)``: the name, and the addresses it
+    resolved to when they are not just the name itself."""
+    texts = [format_hostport(a[4][0], a[4][1]) for a in backend.addresses]
+    if texts == [backend.name]:
+        return backend.name
+    return f"{backend.name} ({', '.join(texts) or 'no addresses'})"
+
+
+class Routes:
+    """Where new connections go and who may make them: immutable once built.
+
+    ``connect``: the default backends as ``(host, port)`` pairs (names are resolved here:
+    ``OSError`` if one does not resolve). ``sni``: ``(server name, (host, port))`` pairs;
+    a ClientHello naming one goes to its backend, any other to ``connect``. ``reuse``: the
+    routes this replaces; a backend with the same ``HOST:PORT`` is the same object (its
+    state, counters and live connections carry over) instead of a new one.
+    """
+
+    __slots__ = ("default", "sni", "wild", "acl", "max_per_client", "accept_proxy",
+                 "send_proxy", "head_timeout", "health_check", "rise", "fall", "resolve_every",
+                 "backends")
+
+    def __init__(
+        self,
+        connect: Sequence[tuple[str, int]],
+        *,
+        balance: str = "roundrobin",
+        sni: Iterable[tuple[str, tuple[str, int]]] = (),
+        allow: Iterable[str] = (),
+        deny: Iterable[str] = (),
+        max_per_client: int = 0,
+        accept_proxy: bool = False,
+        send_proxy: str | None = None,
+        head_timeout: float = HEAD_TIMEOUT,
+        health_check: float = 0.0,
+        rise: int = 2,
+        fall: int = 3,
+        resolve_every: float = 0.0,
+        reuse: Routes | None = None,
+    ) -> None:
+        if not connect:
+            raise ValueError("no backend: give at least one HOST:PORT to connect to")
+        if balance not in BALANCES:
+            raise ValueError(f"balance {balance!r}: expected one of {', '.join(BALANCES)}")
+        if send_proxy not in (None, *SEND_PROXY_VERSIONS):
+            raise ValueError(f"send_proxy {send_proxy!r}: expected v1, v2 or None")
+        if max_per_client < 0:
+            raise ValueError(f"max_per_client {max_per_client}: expected 0 (no limit) or more")
+        if not head_timeout > 0:
+            raise ValueError(f"head_timeout {head_timeout!r}: expected a positive number of seconds")
+        if health_check < 0 or resolve_every < 0 or rise < 1 or fall < 1:
+            raise ValueError("health_check and resolve_every must be 0 (off) or more; rise and fall 1 or more")
+        old = {b.name: b for b in reuse.backends} if reuse is not None else {}
+        made: dict[str, Backend] = {}
+
+        def backend(host: str, port: int) -> Backend:
+            name = format_hostport(host, port)
+            if name not in made:
+                kept = old.get(name)
+                if kept is None:
+                    try:
+                        kept = Backend(host, port)  # resolves now
+                    except OSError as exc:
+                        raise OSError(exc.errno, f"backend {name}: {exc.strerror or exc}") from None
+                made[name] = kept
+            return made[name]
+
+        defaults: list[Backend] = []
+        for host, port in connect:
+            if format_hostport(host, port) in made:
+                raise ValueError(f"backend {format_hostport(host, port)} is given twice")
+            defaults.append(backend(host, port))
+        self.default = BackendSet(defaults, balance)
+        exact: dict[str, BackendSet] = {}
+        wild: list[tuple[str, BackendSet]] = []
+        for name, (host, port) in sni:
+            key = sni_name(name)
+            if key in exact or any(key == w for w, _ in wild):
+                raise ValueError(f"server name {key} is routed twice")
+            target = BackendSet([backend(host, port)])
+            if key.startswith("*."):
+                wild.append((key[1:], target))  # ".example.com": a suffix match
+            else:
+                exact[key] = target
+        wild.sort(key=lambda item: -len(item[0]))  # the longest suffix wins
+        self.sni = exact
+        self.wild = tuple(wild)
+        self.acl = AccessList(allow, deny)
+        self.max_per_client = max_per_client
+        self.accept_proxy = accept_proxy
+        self.send_proxy = send_proxy
+        self.head_timeout = head_timeout
+        self.health_check = health_check
+        self.rise = rise
+        self.fall = fall
+        self.resolve_every = resolve_every
+        self.backends: tuple[Backend, ...] = tuple(made.values())
+
+    @property
+    def reads_head(self) -> bool:
+        """Whether a connection must be read from before it is connected: a PROXY header
+        to take off, or a ClientHello to route by."""
+        return self.accept_proxy or bool(self.sni) or bool(self.wild)
+
+    @property
+    def routes_by_name(self) -> bool:
+        return bool(self.sni) or bool(self.wild)
+
+    def order(self, client_ip: str | None, server_name: str | None = None) -> list[Backend]:
+        """The backends one new connection should try, in order; [] when none is up.
+
+        A ``server_name`` routed by ``--sni`` goes to its own backend only; any other
+        name, or none, goes to the default backends by the balance."""
+        if server_name is not None and (self.sni or self.wild):
+            target = self.sni.get(server_name)
+            if target is None:
+                for suffix, candidate in self.wild:
+                    if server_name.endswith(suffix):
+                        target = candidate
+                        break
+            if target is not None:
+                return target.order(client_ip)
+        return self.default.order(client_ip)
+
+    def describe(self) -> str:
+        """One line for the start-up and reload log lines."""
+        names = [_with_addresses(b) for b in self.default.backends]
+        text = ", ".join(names)
+        if len(names) > 1:
+            text += f" ({self.default.balance})"
+        routed = [(k, s) for k, s in self.sni.items()] + [("*" + k, s) for k, s in self.wild]
+        if routed:
+            text += "; by server name: " + ", ".join(f"{k} -> {s.backends[0].name}" for k, s in routed)
+        return text
+
+    def options(self) -> dict[str, Any]:
+        """The settings as a dict (for /stats)."""
+        return {
+            "balance": self.default.balance,
+            "backends": [b.name for b in self.default.backends],
+            "sni": {k: s.backends[0].name for k, s in self.sni.items()}
+            | {"*" + k: s.backends[0].name for k, s in self.wild},
+            "access": self.acl.describe() if self.acl else "",
+            "max_conns_per_client": self.max_per_client,
+            "accept_proxy": self.accept_proxy,
+            "send_proxy": self.send_proxy,
+            "health_check": self.health_check,
+            "resolve_every": self.resolve_every,
+        }
