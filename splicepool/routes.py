@@ -64,7 +64,7 @@ class Routes:
 
     __slots__ = ("default", "sni", "wild", "acl", "max_per_client", "accept_proxy",
                  "send_proxy", "head_timeout", "health_check", "rise", "fall", "resolve_every",
-                 "backends")
+                 "backends", "routes_by_name", "reads_head", "admits")
 
     def __init__(
         self,
@@ -141,16 +141,14 @@ class Routes:
         self.fall = fall
         self.resolve_every = resolve_every
         self.backends: tuple[Backend, ...] = tuple(made.values())
-
-    @property
-    def reads_head(self) -> bool:
-        """Whether a connection must be read from before it is connected: a PROXY header
-        to take off, or a ClientHello to route by."""
-        return self.accept_proxy or bool(self.sni) or bool(self.wild)
-
-    @property
-    def routes_by_name(self) -> bool:
-        return bool(self.sni) or bool(self.wild)
+        #: Whether the names of --sni routes are needed (a ClientHello to read and parse).
+        self.routes_by_name = bool(exact) or bool(wild)
+        #: Whether a connection must be read from before it is connected: a PROXY header
+        #: to take off, or a ClientHello to route by.
+        self.reads_head = accept_proxy or self.routes_by_name
+        #: Whether a connection needs more than the default balance's order before it
+        #: connects: an access list or per-client limit to check, a PROXY header to send.
+        self.admits = bool(self.acl) or max_per_client > 0 or send_proxy is not None
 
     def order(self, client_ip: str | None, server_name: str | None = None) -> list[Backend]:
         """The backends one new connection should try, in order; [] when none is up.

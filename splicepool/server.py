@@ -453,7 +453,7 @@ class ProxyServer:
                     pass
             if routes.reads_head:
                 self._start_head(conn)
-            elif routes.acl or routes.max_per_client:
+            elif routes.admits:
                 self._admit(conn)
             else:  # the common path: nothing to check, one balance to ask
                 conn.order = routes.default.order(conn.ip)
