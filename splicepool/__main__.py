@@ -41,22 +41,55 @@ examples:
   python -m splicepool proxy --listen 0.0.0.0:8080 --connect 10.0.0.2:80 \\
       --processes 2 --max-conns 5000
 
+  # three backends, the least busy first, checked every 2 s; names resolved
+  # again every 30 s
+  python -m splicepool proxy --listen 0.0.0.0:5432 --balance leastconn \\
+      --connect db1:5432 --connect db2:5432 --connect db3:5432 \\
+      --health-check 2 --rise 2 --fall 3 --resolve-every 30
+
+  # behind HAProxy (send-proxy-v2): take the PROXY header, only from HAProxy's
+  # address; pass the client's address on to a backend that reads PROXY v1
+  python -m splicepool proxy --listen 10.0.0.31:7000 --accept-proxy \\
+      --proxy-from 10.0.0.5/32 --connect 10.0.0.11:25 --send-proxy v1
+
+  # TLS passthrough by server name; other names, and plain text, to :8443
+  python -m splicepool proxy --listen 0.0.0.0:443 --connect 127.0.0.1:8443 \\
+      --sni api.example.com=10.0.0.21:443 --sni '*.apps.example.com=10.0.0.22:443'
+
+  # keep a network out, at most 20 connections per client address
+  python -m splicepool proxy --listen 0.0.0.0:8080 --connect 127.0.0.1:8000 \\
+      --deny 192.0.2.0/24 --max-conns-per-client 20
+
+  # everything from a file (keys: the long option names); SIGHUP re-reads it
+  python -m splicepool proxy --config /etc/splicepool/web.toml
+  #   listen = "0.0.0.0:443"
+  #   connect = ["10.0.0.11:443", "10.0.0.12:443"]
+  #   health-check = 2
+
 Each finished connection logs one line: peer, bytes up (client to upstream)
 and down, duration and end reason (EOF, IDLE, ERROR, UNSPLICED, POOL_CLOSED).
 up= counts bytes written to the upstream's socket buffer, down= counts bytes
 written to the client's socket buffer, not bytes the client has received: the
-kernel may still hold some when a connection ends.
+kernel may still hold some when a connection ends. A client closed before it
+is proxied (--allow/--deny, a limit, a bad PROXY header or ClientHello, no
+backend up) logs why, and /stats and /metrics count it by reason.
 
---connect's name is resolved once, at start; each connection tries the
-addresses in order until one connects, --connect-timeout for each. --listen
-needs a host: 0.0.0.0:PORT or [::]:PORT listens on every interface.
-Timeouts may be inf (never). --connect may not be --listen itself.
+Each connection tries its backends in the --balance order, each backend's
+addresses in the resolver's order, --connect-timeout for each, until one
+connects. A backend that health checks mark down gets no new connection;
+with every backend down a client is closed at once. --listen needs a host:
+0.0.0.0:PORT or [::]:PORT listens on every interface. Timeouts may be inf
+(never). --connect may not be --listen itself.
 
 SIGINT or SIGTERM stops accepting, lets live connections finish for --grace
-seconds, closes the rest and exits with status 0. SIGHUP and SIGUSR1 are
-logged and ignored (no reload yet). With --processes, the parent forwards
-SIGINT/SIGTERM to the children and replaces a child that dies (after 0.1 s,
-doubling up to 5 s while they keep dying within 10 s of starting).
+seconds, closes the rest and exits with status 0. SIGHUP re-reads --config
+and the command line: backends, balance, --sni, --allow/--deny, limits,
+PROXY protocol, checks, --idle, --connect-timeout, --max-conns and
+--log-level change for new connections; live ones keep their backend; a bad
+file changes nothing (logged). SIGUSR1 is logged and ignored. With
+--processes, the parent forwards SIGINT/SIGTERM/SIGHUP to the children and
+replaces a child that dies (after 0.1 s, doubling up to 5 s while they keep
+dying within 10 s of starting). More: docs/proxy-tier.md.
 """
 
 _INF = float("inf")
@@ -182,14 +215,14 @@ def _prog() -> str:
 # The long options of `proxy`, as a --config file names them, by kind.
 FLAG_OPTIONS = {"accept-proxy", "bind-cpus", "reuse-port"}  # true or false
 BOOLEAN_OPTIONS = {"nodelay"}  # true or false: --nodelay / --no-nodelay
-LIST_OPTIONS = {"connect", "sni", "allow", "deny"}  # may repeat: a list
+LIST_OPTIONS = {"connect", "sni", "allow", "deny", "proxy-from"}  # may repeat: a list
 VALUE_OPTIONS = {
     "listen", "balance", "workers", "idle", "max-conns", "max-conns-per-client", "connect-timeout",
     "pipe-size", "processes", "grace", "stats-listen", "log-level", "health-check", "rise", "fall",
     "resolve-every", "send-proxy", "head-timeout",
 }
 # What a reload applies; every other option takes effect on a restart (a reload says so).
-RELOADABLE = {"connect", "sni", "allow", "deny", "balance", "max-conns-per-client", "accept-proxy",
+RELOADABLE = {"connect", "sni", "allow", "deny", "balance", "max-conns-per-client", "accept-proxy", "proxy-from",
               "send-proxy", "head-timeout", "health-check", "rise", "fall", "resolve-every", "idle",
               "connect-timeout", "max-conns", "log-level", "config"}
 
@@ -236,6 +269,10 @@ def build_parser(*, defaults: bool = True, raising: bool = False) -> argparse.Ar
     p.add_argument("--accept-proxy", action="store_true", default=d(False),
                    help="clients speak the PROXY protocol (v1 or v2): read the header first, and "
                    "log, check and balance by the address it carries")
+    p.add_argument("--proxy-from", action="append", type=_cidr, default=d(None), metavar="CIDR",
+                   help="with --accept-proxy: only peers in these networks may send a PROXY "
+                   "header (repeatable; the load balancers' addresses); others are closed "
+                   "unread (default: any peer)")
     p.add_argument("--send-proxy", choices=("v1", "v2"), default=d(None),
                    help="send a PROXY protocol header of this version to the backend before any "
                    "byte of the client")
@@ -377,6 +414,7 @@ def build_routes(args: argparse.Namespace, reuse: Routes | None = None) -> Route
         deny=args.deny or (),
         max_per_client=args.max_conns_per_client,
         accept_proxy=args.accept_proxy,
+        proxy_from=args.proxy_from or (),
         send_proxy=args.send_proxy,
         head_timeout=args.head_timeout,
         health_check=args.health_check,
@@ -645,8 +683,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("splicepool.proxy").debug("open-file limit: %d", limit)
     try:
         routes = build_routes(args)
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"--connect: {exc}") from None
+    except ValueError as exc:  # options that do not go together: a usage error, status 2
+        build_parser().error(str(exc))
+    except OSError as exc:  # a backend's name does not resolve: status 1
+        raise SystemExit(str(exc)) from None
     try:
         listens = socket.getaddrinfo(*args.listen, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[:1]
     except OSError as exc:

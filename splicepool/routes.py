@@ -62,7 +62,7 @@ class Routes:
     state, counters and live connections carry over) instead of a new one.
     """
 
-    __slots__ = ("default", "sni", "wild", "acl", "max_per_client", "accept_proxy",
+    __slots__ = ("default", "sni", "wild", "acl", "max_per_client", "accept_proxy", "proxy_from",
                  "send_proxy", "head_timeout", "health_check", "rise", "fall", "resolve_every",
                  "backends", "routes_by_name", "reads_head", "admits")
 
@@ -76,6 +76,7 @@ class Routes:
         deny: Iterable[str] = (),
         max_per_client: int = 0,
         accept_proxy: bool = False,
+        proxy_from: Iterable[str] = (),
         send_proxy: str | None = None,
         head_timeout: float = HEAD_TIMEOUT,
         health_check: float = 0.0,
@@ -88,6 +89,9 @@ class Routes:
             raise ValueError("no backend: give at least one HOST:PORT to connect to")
         if balance not in BALANCES:
             raise ValueError(f"balance {balance!r}: expected one of {', '.join(BALANCES)}")
+        proxy_from = list(proxy_from)
+        if proxy_from and not accept_proxy:
+            raise ValueError("proxy_from (--proxy-from) needs accept_proxy (--accept-proxy)")
         if send_proxy not in (None, *SEND_PROXY_VERSIONS):
             raise ValueError(f"send_proxy {send_proxy!r}: expected v1, v2 or None")
         if max_per_client < 0:
@@ -107,7 +111,9 @@ class Routes:
                     try:
                         kept = Backend(host, port)  # resolves now
                     except OSError as exc:
-                        raise OSError(exc.errno, f"backend {name}: {exc.strerror or exc}") from None
+                        error = OSError(f"backend {name}: {exc.strerror or exc}")
+                        error.errno = exc.errno  # kept, but out of the message
+                        raise error from None
                 made[name] = kept
             return made[name]
 
@@ -134,6 +140,9 @@ class Routes:
         self.acl = AccessList(allow, deny)
         self.max_per_client = max_per_client
         self.accept_proxy = accept_proxy
+        #: The peers that may send a PROXY header (checked on the socket's own address,
+        #: before anything is read); empty: any peer.
+        self.proxy_from = AccessList(proxy_from, ())
         self.send_proxy = send_proxy
         self.head_timeout = head_timeout
         self.health_check = health_check
@@ -187,6 +196,7 @@ class Routes:
             "access": self.acl.describe() if self.acl else "",
             "max_conns_per_client": self.max_per_client,
             "accept_proxy": self.accept_proxy,
+            "proxy_from": self.proxy_from.describe() if self.proxy_from else "",
             "send_proxy": self.send_proxy,
             "health_check": self.health_check,
             "resolve_every": self.resolve_every,

@@ -145,6 +145,7 @@ class Counters:
 REFUSALS = {
     "access_list": "not allowed by --allow/--deny",
     "client_limit": "over --max-conns-per-client",
+    "untrusted_proxy": "a peer not in --proxy-from (with --accept-proxy)",
     "no_backend": "no backend up",
     "bad_proxy_header": "no valid PROXY header",
     "bad_client_hello": "a malformed TLS ClientHello",
@@ -164,7 +165,7 @@ class _Conn:
 
     __slots__ = ("id", "client", "peer", "addr", "ip", "started", "upstream", "deadline",
                  "relay", "errors", "stage", "routes", "head", "header", "order", "bi",
-                 "backend", "addrs", "ai", "prefix", "counted", "_server")
+                 "backend", "addrs", "ai", "prefix", "ahead", "counted", "_server")
 
     def __init__(self, server: ProxyServer, id: int, client: socket.socket, addr: Any, started: float,
                  routes: Routes) -> None:
@@ -189,6 +190,7 @@ class _Conn:
         self.addrs: tuple[Any, ...] = ()  # that backend's addresses, as they were when it was tried
         self.ai = 0  # the index in addrs of the address tried now (or connected to)
         self.prefix: bytes | None = None  # to send upstream before splicing (PROXY header, head)
+        self.ahead = 0  # bytes of the client's in the prefix: counted in up= with the relay's
         self.counted = False  # counted in the server's per-client numbers
 
     def __call__(self, _relay: Proxy) -> None:
@@ -452,7 +454,16 @@ class ProxyServer:
                 except OSError:
                     pass
             if routes.reads_head:
-                self._start_head(conn)
+                if routes.accept_proxy:
+                    if routes.proxy_from and not routes.proxy_from.permits(conn.ip):
+                        self._refuse(conn, "untrusted_proxy", f"refused: {conn.ip} may not send a PROXY "
+                                     f"header ({routes.proxy_from.describe()})", logging.INFO)
+                    else:
+                        self._start_head(conn)
+                elif routes.acl and not routes.acl.permits(conn.ip):
+                    self._refuse_by_acl(conn)  # known now: no ClientHello need be read
+                else:
+                    self._start_head(conn)
             elif routes.admits:
                 self._admit(conn)
             else:  # the common path: nothing to check, one balance to ask
@@ -557,6 +568,7 @@ class ProxyServer:
         conn.head = None
         if start < len(head):
             conn.prefix = bytes(head[start:])  # sent upstream as it came, before splicing
+            conn.ahead = len(conn.prefix)
         self._admit(conn, name or None)
 
     def _take_header(self, conn: _Conn, header: ProxyHeader) -> None:
@@ -574,7 +586,7 @@ class ProxyServer:
         routes = conn.routes
         ip = conn.ip
         if routes.acl and not routes.acl.permits(ip):
-            self._refuse(conn, "access_list", f"refused: {ip} is not allowed ({routes.acl.describe()})", logging.INFO)
+            self._refuse_by_acl(conn)
             return
         if routes.max_per_client:
             n = self._per_client.get(ip, 0)
@@ -588,6 +600,10 @@ class ProxyServer:
             header = self._proxy_header(conn)
             conn.prefix = header + conn.prefix if conn.prefix else header
         self._route(conn)
+
+    def _refuse_by_acl(self, conn: _Conn) -> None:
+        acl = conn.routes.acl
+        self._refuse(conn, "access_list", f"refused: {conn.ip} is not allowed ({acl.describe()})", logging.INFO)
 
     def _proxy_header(self, conn: _Conn) -> bytes:
         """The PROXY header to send upstream: the client's address and the one it connected
@@ -832,7 +848,7 @@ class ProxyServer:
         backend = conn.backend
         assert relay is not None and backend is not None
         c = self.counters
-        up, down = relay.forward.transferred, relay.reverse.transferred
+        up, down = relay.forward.transferred + conn.ahead, relay.reverse.transferred
         with self._live_lock:  # from live to finished at once: stats() never counts it twice
             del self._live[conn.id]
             c.live -= 1
@@ -982,7 +998,7 @@ class ProxyServer:
                 relay, backend = conn.relay, conn.backend
                 if relay is None or backend is None:
                     continue
-                up, down = relay.forward.transferred, relay.reverse.transferred
+                up, down = relay.forward.transferred + conn.ahead, relay.reverse.transferred
                 live_up += up
                 live_down += down
                 entry = backends.get(id(backend))

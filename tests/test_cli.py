@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 10.0  # interpreter start + import on a loaded 2-core machine
 
 CONN_LINE = re.compile(
-    r"^\S+ \S+ (?P<pid>\d+) (?P<level>[A-Z]+) conn (?P<id>\d+) (?P<peer>\S+) -> (?P<upstream>\S+)"
+    r"^\S+ \S+ (?P<pid>\d+) (?P<level>[A-Z]+) conn (?P<id>\d+) (?P<peer>\S+(?: via \S+)?) -> (?P<upstream>\S+)"
     r" up=(?P<up>\d+) down=(?P<down>\d+) duration=(?P<duration>[\d.]+)s reason=(?P<reason>\w+)",
     re.MULTILINE,
 )
