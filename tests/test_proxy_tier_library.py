@@ -1,0 +1,84 @@
+"""The proxy tier from Python, as docs/proxy-tier.md shows it: ``Routes`` and ``ProxyServer``
+in a thread of the test's own process, several backends, a reload from another thread that
+keeps a backend's counters, and the exact per-backend stats. Real loopback sockets."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+from conftest import GEVENT, digest, payload, recv_exact, wait_until
+from test_cli import Upstream
+
+from splicepool import SplicePool
+from splicepool.routes import Routes
+from splicepool.server import ProxyServer
+
+pytestmark = pytest.mark.skipif(GEVENT, reason="a threaded server of its own: runs in the thread run")
+
+
+def tagged(tag: bytes):
+    """A backend that answers its tag, then echoes until EOF."""
+
+    def handler(conn: socket.socket) -> None:
+        conn.sendall(tag)
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+    return handler
+
+
+def through(port: int, data: bytes) -> tuple[bytes, str]:
+    """One connection: the backend's tag, and the sha256 of ``data`` echoed back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        tag = recv_exact(sock, 1)
+        sender = threading.Thread(target=sock.sendall, args=(data,))
+        sender.start()
+        echoed = recv_exact(sock, len(data))
+        sender.join()
+        return tag, digest(echoed)
+
+
+@pytest.fixture
+def backends():
+    made = [Upstream(tagged(tag)) for tag in (b"A", b"B", b"C")]
+    yield made
+    for up in made:
+        up.close()
+
+
+def test_routes_and_proxy_server_serve_reload_and_count_per_backend(backends):
+    a, b, c = backends
+    pool = SplicePool(workers=2)
+    server = ProxyServer(("127.0.0.1", 0), Routes([(a.host, a.port), (b.host, b.port)]), pool=pool)
+    port = server.address[1]
+    loop = threading.Thread(target=server.serve_forever, kwargs={"grace": 5.0})
+    loop.start()
+    try:
+        data = payload(256 * 1024, seed=14)
+        want = digest(data)
+        assert [through(port, data) for _ in range(4)] == [(b"A", want), (b"B", want)] * 2
+        old = server.routes
+        backend_b = old.backends[1]
+        reloaded = threading.Thread(
+            target=server.reload, args=(Routes([(b.host, b.port), (c.host, c.port)], reuse=old),)
+        )
+        reloaded.start()
+        reloaded.join()
+        wait_until(lambda: server.routes is not old, what="the reload applied by the loop")
+        assert server.routes.backends[0] is backend_b  # the same backend: its counters go on
+        assert [through(port, data)[0] for _ in range(4)] == [b"B", b"C", b"B", b"C"]
+        stats = wait_until(
+            lambda: (s := server.stats())["connections"]["finished"] == 8 and s, what="8 finished"
+        )
+        per = {entry["name"]: (entry["connections"], entry["bytes_up"], entry["bytes_down"])
+               for entry in stats["backends"]}
+        n = len(data)
+        assert per == {b.addr: (4, 4 * n, 4 * (n + 1)), c.addr: (2, 2 * n, 2 * (n + 1))}
+        assert stats["connections"]["reloads"] == 1
+        assert stats["routes"]["backends"] == [b.addr, c.addr]
+    finally:
+        server.stop()
+        loop.join(10)
+    assert not loop.is_alive()
