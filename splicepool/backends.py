@@ -23,7 +23,6 @@ Bad arguments raise ``ValueError`` naming what was wrong, before anything change
 from __future__ import annotations
 
 import errno
-import hashlib
 import ipaddress
 import logging
 import math
@@ -246,6 +245,10 @@ class BackendSet:
         self._rotations = tuple(backends[i:] + backends[:i] for i in range(len(backends)))
         self._single = [backends[0]] if len(backends) == 1 else None
         # source: each backend's hash prefix (its name), so a score is one hash of prefix + ip
+        if balance == "source":  # hashlib only then: it loads OpenSSL, 5 MiB of RSS in a proxy
+            import hashlib
+
+            self._blake2b = hashlib.blake2b
         self._prefixes = tuple(
             (b.name.encode("utf-8", "surrogatepass") + b"\0", b) for b in backends
         )
@@ -284,9 +287,10 @@ class BackendSet:
         return found
 
     def _by_source(self, client_ip: str) -> list[Backend]:
+        blake2b = self._blake2b
         ip = client_ip.encode("utf-8", "surrogatepass")
         scored = [
-            (hashlib.blake2b(prefix + ip, digest_size=8).digest(), b.name, b)
+            (blake2b(prefix + ip, digest_size=8).digest(), b.name, b)
             for prefix, b in self._prefixes
             if b.up
         ]

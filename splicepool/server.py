@@ -21,13 +21,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from . import proxyproto, sni
 from ._sockets import MSG_NOSIGNAL
 from .backends import Backend, HealthChecker, Resolver
 from .pool import SplicePool
 from .relay import Proxy
 from .routes import PROXY_HEADER_MAX, Routes
-from .sni import MAX_HELLO
 
 TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
 if TYPE_CHECKING:
@@ -157,14 +155,16 @@ REFUSALS = {
 
 # What a connection is waiting for while the server holds it (before the pool takes it).
 _HEAD, _CONNECT, _PREFIX = 1, 2, 3
-HEAD_MAX = PROXY_HEADER_MAX + MAX_HELLO  # bytes read from a client before it is routed, at most
+# Bytes read from a client before it is routed, at most: a PROXY header and a ClientHello
+# (sni.MAX_HELLO; proxyproto and sni load only when a head is read: a lighter proxy without).
+HEAD_MAX = PROXY_HEADER_MAX + 16384
 
 
 class _Conn:
-    """One accepted connection: while it is read from and connected, then until it is logged."""
+    """One accepted connection while it is read from, checked and connected (until hand-over)."""
 
     __slots__ = ("id", "client", "peer", "addr", "ip", "started", "upstream", "deadline",
-                 "relay", "errors", "stage", "routes", "head", "header", "order", "bi",
+                 "errors", "stage", "routes", "head", "header", "order", "bi",
                  "backend", "addrs", "ai", "prefix", "ahead", "counted", "_server")
 
     def __init__(self, server: ProxyServer, id: int, client: socket.socket, addr: Any, started: float,
@@ -180,7 +180,6 @@ class _Conn:
         self.stage = 0
         self.upstream: socket.socket | None = None
         self.deadline = 0.0
-        self.relay: Proxy | None = None
         self.errors: list[str] | None = None  # "address: error" of each address that failed
         self.head: bytearray | None = None  # bytes read before routing (PROXY header, ClientHello)
         self.header: ProxyHeader | None = None  # the PROXY header the client sent
@@ -192,6 +191,27 @@ class _Conn:
         self.prefix: bytes | None = None  # to send upstream before splicing (PROXY header, head)
         self.ahead = 0  # bytes of the client's in the prefix: counted in up= with the relay's
         self.counted = False  # counted in the server's per-client numbers
+
+
+
+class _Live:
+    """A proxied connection, from hand-over until it is logged: what the log line, the
+    counters and /stats need, and nothing of how it was routed (its ``_Conn`` is dropped at
+    hand-over, so a live connection costs no more than this)."""
+
+    __slots__ = ("id", "peer", "started", "relay", "backend", "sockaddr", "ahead", "counted_ip",
+                 "_server")
+
+    def __init__(self, conn: _Conn, relay: Proxy, backend: Backend) -> None:
+        self._server = conn._server
+        self.id = conn.id
+        self.peer = conn.peer
+        self.started = conn.started
+        self.relay = relay
+        self.backend = backend
+        self.sockaddr = conn.addrs[conn.ai][4]  # the backend address connected to
+        self.ahead = conn.ahead  # client bytes sent before the splice: part of up=
+        self.counted_ip = conn.ip if conn.counted else None  # in the per-client numbers
 
     def __call__(self, _relay: Proxy) -> None:
         """The relay's done callback (a worker thread): queue it for the loop to log."""
@@ -274,8 +294,8 @@ class ProxyServer:
         self._deadlines: deque[tuple[float, _Conn, socket.socket]] = deque()
         self._head_deadlines: list[tuple[float, int, _Conn]] = []  # a heap: head timeouts change on reload
         self._per_client: dict[str, int] = {}  # client ip -> connections (with a per-client limit)
-        self._finished: deque[_Conn] = deque()  # filled by workers' done callbacks
-        self._live: dict[int, _Conn] = {}  # proxied connections not logged yet, by id
+        self._finished: deque[_Live] = deque()  # filled by workers' done callbacks
+        self._live: dict[int, _Live] = {}  # proxied connections not logged yet, by id
         self._live_lock = threading.Lock()  # _live and the byte counters, against stats()
         self._notes: deque[str] = deque()  # warnings to log from the loop (signal handlers)
         self._reloads: deque[tuple[Routes, dict[str, Any]] | str] = deque()  # from reload threads
@@ -475,7 +495,8 @@ class ProxyServer:
         if conn.stage == _HEAD:
             self._end_head(conn)
         if conn.counted:
-            self._uncount(conn)
+            conn.counted = False
+            self._uncount(conn.ip)
         conn.stage = 0
         client = conn.client
         if client is not None:
@@ -486,13 +507,13 @@ class ProxyServer:
         c.refusals[why] = c.refusals.get(why, 0) + 1
         log.log(level, "conn %d %s: %s", conn.id, conn.peer, detail)
 
-    def _uncount(self, conn: _Conn) -> None:
-        conn.counted = False
-        left = self._per_client[conn.ip] - 1
+    def _uncount(self, ip: str) -> None:
+        """One connection less for ``ip`` in the per-client numbers."""
+        left = self._per_client[ip] - 1
         if left:
-            self._per_client[conn.ip] = left
+            self._per_client[ip] = left
         else:
-            del self._per_client[conn.ip]
+            del self._per_client[ip]
 
     # -- reading the head: a PROXY header, a ClientHello ---------------------------------
     def _start_head(self, conn: _Conn) -> None:
@@ -516,6 +537,7 @@ class ProxyServer:
 
     def _read_head(self, conn: _Conn) -> None:
         """Read what the client sent; route it once its head is whole."""
+        from . import proxyproto, sni
         head = conn.head
         client = conn.client
         assert head is not None and client is not None
@@ -608,6 +630,7 @@ class ProxyServer:
     def _proxy_header(self, conn: _Conn) -> bytes:
         """The PROXY header to send upstream: the client's address and the one it connected
         to (as a received header gave them, else as the sockets say)."""
+        from . import proxyproto
         got = conn.header
         if got is not None and not got.local and got.source is not None and got.dest is not None:
             source, dest = got.source, got.dest
@@ -803,7 +826,8 @@ class ProxyServer:
         conn.deadline = 0.0
         conn.stage = 0
         if conn.counted:
-            self._uncount(conn)
+            conn.counted = False
+            self._uncount(conn.ip)
         client = conn.client
         assert client is not None
         conn.client = None
@@ -836,17 +860,18 @@ class ProxyServer:
                 backend.live -= 1
             self._refuse(conn, "not_proxied", f"not proxied: {_name_sides(str(exc))}")
             return
-        conn.relay = relay
-        conn.backend.connections += 1  # type: ignore[union-attr]
+        backend = conn.backend
+        assert backend is not None
+        backend.connections += 1
+        live = _Live(conn, relay, backend)
         with self._live_lock:
-            self._live[conn.id] = conn
+            self._live[conn.id] = live
             self.counters.live += 1
-        relay.add_done_callback(conn)
+        relay.add_done_callback(live)
 
-    def _log_finished(self, conn: _Conn) -> None:
+    def _log_finished(self, conn: _Live) -> None:
         relay = conn.relay
         backend = conn.backend
-        assert relay is not None and backend is not None
         c = self.counters
         up, down = relay.forward.transferred + conn.ahead, relay.reverse.transferred
         with self._live_lock:  # from live to finished at once: stats() never counts it twice
@@ -858,8 +883,8 @@ class ProxyServer:
             backend.live -= 1
             backend.bytes_up += up
             backend.bytes_down += down
-        if conn.counted:
-            self._uncount(conn)
+        if conn.counted_ip is not None:
+            self._uncount(conn.counted_ip)
         reason = relay.reason.name if relay.reason else "?"
         c.reasons[reason] = c.reasons.get(reason, 0) + 1
         error = f" error={relay.error.strerror}" if relay.error is not None else ""
@@ -867,7 +892,7 @@ class ProxyServer:
             "conn %d %s -> %s up=%d down=%d duration=%.3fs reason=%s%s",
             conn.id,
             conn.peer,
-            format_addr(conn.addrs[conn.ai][4]),
+            format_addr(conn.sockaddr),
             up,
             down,
             time.monotonic() - conn.started,
@@ -996,8 +1021,6 @@ class ProxyServer:
         with self._live_lock:
             for conn in self._live.values():
                 relay, backend = conn.relay, conn.backend
-                if relay is None or backend is None:
-                    continue
                 up, down = relay.forward.transferred + conn.ahead, relay.reverse.transferred
                 live_up += up
                 live_down += down
