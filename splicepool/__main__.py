@@ -336,8 +336,12 @@ def config_argv(path: str) -> list[list[str]]:
     given); ConfigError naming the file and what is wrong in it."""
     try:
         import tomllib
-    except ImportError:  # Python 3.10
-        raise ConfigError(f"--config {path}: reading TOML needs Python 3.11 or later") from None
+    except ImportError:  # Python 3.10: the same module, from PyPI (the "config" extra)
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ConfigError(f"--config {path}: reading TOML needs Python 3.11 or later, or "
+                              "tomli (pip install 'splicepool[config]')") from None
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
