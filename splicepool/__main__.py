@@ -76,17 +76,20 @@ backend up) logs why, and /stats and /metrics count it by reason.
 
 Each connection tries its backends in the --balance order, each backend's
 addresses in the resolver's order, --connect-timeout for each, until one
-connects. A backend that health checks mark down gets no new connection;
-with every backend down a client is closed at once. --listen needs a host:
-0.0.0.0:PORT or [::]:PORT listens on every interface. Timeouts may be inf
-(never). --connect may not be --listen itself.
+connects; names are resolved at start, on each reload and every
+--resolve-every seconds. A backend that health checks mark down gets no new
+connection; with every backend down a client is closed at once. --listen
+needs a host: 0.0.0.0:PORT or [::]:PORT listens on every interface.
+Timeouts may be inf (never). --connect may not be --listen itself.
 
 SIGINT or SIGTERM stops accepting, lets live connections finish for --grace
 seconds, closes the rest and exits with status 0. SIGHUP re-reads --config
 and the command line: backends, balance, --sni, --allow/--deny, limits,
 PROXY protocol, checks, --idle, --connect-timeout, --max-conns and
 --log-level change for new connections; live ones keep their backend; a bad
-file changes nothing (logged). SIGUSR1 is logged and ignored. With
+file changes nothing (an error line); an option that needs a restart
+(--listen, --workers, --processes, ...) gets a warning line. Without
+--config, SIGHUP is logged and ignored; SIGUSR1 always is. With
 --processes, the parent forwards SIGINT/SIGTERM/SIGHUP to the children and
 replaces a child that dies (after 0.1 s, doubling up to 5 s while they keep
 dying within 10 s of starting). More: docs/proxy-tier.md.
@@ -393,8 +396,15 @@ def load_args(argv: list[str] | None, *, raising: bool = False) -> argparse.Name
         except ConfigError as exc:
             parser.error(str(exc))
         given = vars(build_parser(defaults=False, raising=raising).parse_args(argv))
-        kept = [w for chunk in words if _dest(chunk[0]) not in given for w in chunk]
-        args = parser.parse_args(argv + kept)
+        chunks = [chunk for chunk in words if _dest(chunk[0]) not in given]
+        check = build_parser(defaults=False, raising=True)
+        for chunk in chunks:  # a bad value is the file's: say so, not "argument --idle: ..."
+            try:
+                check.parse_args([args.command, *chunk])
+            except ConfigError as exc:
+                why = str(exc).removeprefix(f"argument {chunk[0]}: ")
+                parser.error(f"--config {args.config}: {chunk[0][2:]}: {why}")
+        args = parser.parse_args(argv + [w for chunk in chunks for w in chunk])
     for name in ("listen", "connect"):
         if getattr(args, name) is None:
             parser.error(f"--{name} is required (on the command line or in the --config file)")
@@ -461,11 +471,12 @@ def make_reloader(argv: list[str] | None, running: argparse.Namespace) -> Any:
             if name not in RELOADABLE and name != "command" and value != getattr(running, key, None):
                 log.warning("reload: --%s changed; it takes effect when the proxy is restarted", name)
         new = build_routes(args, reuse=routes)
-        logging.getLogger().setLevel(getattr(logging, args.log_level.upper()))
         settings = {
             "idle": None if args.idle == _INF else args.idle,
             "connect_timeout": args.connect_timeout,
             "max_conns": args.max_conns,
+            # set by the loop if it takes these routes: a refused reload changes nothing
+            "log_level": getattr(logging, args.log_level.upper()),
         }
         return new, settings
 
@@ -576,13 +587,38 @@ def _how_it_died(status: int) -> str:
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
+def _reloaded_args(args: argparse.Namespace, argv: list[str] | None) -> argparse.Namespace:
+    """``args`` with what a reload changes (the RELOADABLE options) as the --config file gives
+    it now: what a child started after a SIGHUP must begin with, as its siblings reloaded.
+    ``args`` itself when there is no file or the children refuse it (they log why)."""
+    if args.config is None:
+        return args
+    try:
+        fresh = load_args(argv, raising=True)
+        routes = build_routes(fresh)  # a name that does not resolve: the children refuse it
+        listens = socket.getaddrinfo(*args.listen, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[:1]
+    except (OSError, ValueError):
+        return args
+    if any(loops_back(listen[4], info[4]) for listen in listens for backend in routes.backends
+           for info in backend.addresses):
+        return args  # the children refuse it too; a child started with it could not start
+    merged = argparse.Namespace(**vars(args))
+    for key, value in vars(fresh).items():
+        if key.replace("_", "-") in RELOADABLE:
+            setattr(merged, key, value)
+    logging.getLogger().setLevel(getattr(logging, merged.log_level.upper()))  # a child's, at fork
+    return merged
+
+
 def run_processes(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     """Supervise ``--processes`` children on one port.
 
     A child that dies is logged and replaced after a back-off; one that fails to start
     (status 1 or 2: cannot listen, cannot serve stats, --connect loops back) stops them all,
     and the parent exits with its status. SIGINT/SIGTERM are forwarded to the children;
-    the parent exits 0 once every child has exited 0. Signals are taken synchronously
+    the parent exits 0 once every child has exited 0. SIGHUP is forwarded to the children
+    (each reloads its --config file), and a child started after it begins with the file as
+    it was then, as its siblings run. Signals are taken synchronously
     (blocked, then ``sigtimedwait``): no handler runs in the middle of the loop.
     """
     log = logging.getLogger("splicepool.proxy")
@@ -637,6 +673,7 @@ def run_processes(args: argparse.Namespace, argv: list[str] | None = None) -> in
             elif info is not None and info.si_signo == signal.SIGHUP and not stopping:
                 log.info("SIGHUP: %d process(es) reload", len(pids))
                 stop_all(signal.SIGHUP)  # each child re-reads the --config file itself
+                args = _reloaded_args(args, argv)  # and a child started from now on starts so
             elif info is not None and info.si_signo in _IGNORED:
                 log.warning("%s", _ignored_line(info.si_signo))
             while pids:  # reap every child that ended (SIGCHLDs may have merged)

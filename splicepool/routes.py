@@ -59,7 +59,8 @@ class Routes:
     ``OSError`` if one does not resolve). ``sni``: ``(server name, (host, port))`` pairs;
     a ClientHello naming one goes to its backend, any other to ``connect``. ``reuse``: the
     routes this replaces; a backend with the same ``HOST:PORT`` is the same object (its
-    state, counters and live connections carry over) instead of a new one.
+    state, counters and live connections carry over) instead of a new one; its name is
+    resolved again too, and its addresses replaced once everything else here passed.
     """
 
     __slots__ = ("default", "sni", "wild", "acl", "max_per_client", "accept_proxy", "proxy_from",
@@ -102,18 +103,22 @@ class Routes:
             raise ValueError("health_check and resolve_every must be 0 (off) or more; rise and fall 1 or more")
         old = {b.name: b for b in reuse.backends} if reuse is not None else {}
         made: dict[str, Backend] = {}
+        resolved: list[tuple[Backend, tuple[tuple[Any, ...], ...]]] = []  # kept ones, resolved again
 
         def backend(host: str, port: int) -> Backend:
             name = format_hostport(host, port)
             if name not in made:
+                try:
+                    fresh = Backend(host, port)  # resolves now
+                except OSError as exc:
+                    error = OSError(f"backend {name}: {exc.strerror or exc}")
+                    error.errno = exc.errno  # kept, but out of the message
+                    raise error from None
                 kept = old.get(name)
                 if kept is None:
-                    try:
-                        kept = Backend(host, port)  # resolves now
-                    except OSError as exc:
-                        error = OSError(f"backend {name}: {exc.strerror or exc}")
-                        error.errno = exc.errno  # kept, but out of the message
-                        raise error from None
+                    kept = fresh
+                else:
+                    resolved.append((kept, fresh.addresses))
                 made[name] = kept
             return made[name]
 
@@ -150,6 +155,9 @@ class Routes:
         self.fall = fall
         self.resolve_every = resolve_every
         self.backends: tuple[Backend, ...] = tuple(made.values())
+        for kept, addresses in resolved:  # as the Resolver does: the same set, in any order, stays
+            if {(a[0], a[4]) for a in addresses} != {(a[0], a[4]) for a in kept.addresses}:
+                kept.addresses = addresses
         #: Whether the names of --sni routes are needed (a ClientHello to read and parse).
         self.routes_by_name = bool(exact) or bool(wild)
         #: Whether a connection must be read from before it is connected: a PROXY header

@@ -232,8 +232,8 @@ class ProxyServer:
     ``reload(routes)`` swaps the routes for new connections; ``reloader``, if given, is
     called (in a thread of its own) by ``request_reload()`` to make them: it takes the
     routes in use and returns the new ones and a dict of settings (``idle``,
-    ``connect_timeout``, ``max_conns``), or raises ``ValueError``/``OSError`` to keep the
-    old ones.
+    ``connect_timeout``, ``max_conns``, ``log_level``: the root logger's level), or raises
+    ``ValueError``/``OSError`` to keep the old ones.
 
     ``on_finished(conn_id, peer, relay)``, if given, is called once per proxied
     connection after it has ended and been counted and logged, with the ``Proxy``
@@ -300,7 +300,7 @@ class ProxyServer:
         self._notes: deque[str] = deque()  # warnings to log from the loop (signal handlers)
         self._reloads: deque[tuple[Routes, dict[str, Any]] | str] = deque()  # from reload threads
         self._reload_requested = False
-        self._reloading: threading.Thread | None = None
+        self._reloading = False  # a reload thread runs (it clears this before its last wakeup)
         self._checker: HealthChecker | None = None
         self._resolver: Resolver | None = None
         self._stopping = False
@@ -331,8 +331,9 @@ class ProxyServer:
         self._wake()
 
     def reload(self, routes: Routes, **settings: Any) -> None:
-        """Use ``routes`` (and ``settings``: ``idle``, ``connect_timeout``, ``max_conns``) for
-        new connections from now on; live ones keep theirs. Thread-safe: the loop applies it."""
+        """Use ``routes`` (and ``settings``: ``idle``, ``connect_timeout``, ``max_conns``,
+        ``log_level``) for new connections from now on; live ones keep theirs. Thread-safe:
+        the loop applies it."""
         self._reloads.append((routes, settings))
         self._wake()
 
@@ -908,14 +909,13 @@ class ProxyServer:
     # -- reloading -------------------------------------------------------------------
     def _reload_step(self) -> None:
         """Start the reloader thread when asked; apply what reload threads made."""
-        if self._reload_requested and (self._reloading is None or not self._reloading.is_alive()):
+        if self._reload_requested and not self._reloading:
             self._reload_requested = False
             if self.reloader is None:
                 log.warning("reload: no --config file to read again; ignored")
             else:
-                thread = threading.Thread(target=self._make_routes, name="splicepool-reload", daemon=True)
-                self._reloading = thread
-                thread.start()
+                self._reloading = True
+                threading.Thread(target=self._make_routes, name="splicepool-reload", daemon=True).start()
         while self._reloads:
             made = self._reloads.popleft()
             if isinstance(made, str):
@@ -935,6 +935,8 @@ class ProxyServer:
             for name in ("idle", "connect_timeout", "max_conns"):
                 if name in settings:
                     setattr(self, name, settings[name])
+            if "log_level" in settings:
+                logging.getLogger().setLevel(settings["log_level"])
             self.counters.reloads += 1
             if not self._stopping:
                 self._start_upkeep()
@@ -950,6 +952,9 @@ class ProxyServer:
         except Exception as exc:  # a bug in the reloader must not end the proxy
             log.exception("reloader failed")
             self._reloads.append(f"{type(exc).__name__}: {exc}")
+        # Done before the wakeup: a SIGHUP that came meanwhile starts its reload on that
+        # wakeup (a thread still alive then left it waiting for some other event).
+        self._reloading = False
         self._wake()
 
     def _start_upkeep(self) -> None:
