@@ -538,6 +538,8 @@ def run_proxy(args: argparse.Namespace, index: int = 0, argv: list[str] | None =
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_reload)
+    # Held back since main() began (or the fork): one that came meanwhile reloads now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     for signum in _IGNORED:
         signal.signal(signum, on_ignored)
     _warn_wildcard("listening", server.address, "anyone who can reach this host can use the proxy")
@@ -638,7 +640,9 @@ def run_processes(args: argparse.Namespace, argv: list[str] | None = None) -> in
                 for signum in _SUPERVISOR_SIGNALS:
                     signal.signal(signum, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
-                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+                # SIGHUP stays blocked until run_proxy handles it: one forwarded before
+                # then must reload this child, not kill it (its default action)
+                signal.pthread_sigmask(signal.SIG_SETMASK, {*old_mask, signal.SIGHUP})
                 status = run_proxy(args, index, argv)
             except BaseException:
                 log.exception("process %d failed", index)
@@ -714,6 +718,9 @@ def run_processes(args: argparse.Namespace, argv: list[str] | None = None) -> in
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A SIGHUP before its handler is in place would kill the proxy (its default action):
+    # block it until run_proxy handles it (run_processes blocks it itself).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     args = load_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
