@@ -561,8 +561,12 @@ def test_max_conns_per_client_refuses_the_third_from_one_address_only(upstreams,
          "argument --allow: allow entry '10.0.0.1/8' has host bits set (the network is 10.0.0.0/8)"),
         (["--allow", "example.com"],
          "argument --allow: allow entry 'example.com' is not an IP address or CIDR network"),
+        (["--deny", "10.0.0.1/8"],
+         "argument --deny: deny entry '10.0.0.1/8' has host bits set (the network is 10.0.0.0/8)"),
+        (["--deny", "fe80::1%eth0"],
+         "argument --deny: deny entry 'fe80::1%eth0' has a %scope, which entries must not have"),
     ],
-    ids=["listen-twice", "balance", "allow-host-bits", "allow-name"],
+    ids=["listen-twice", "balance", "allow-host-bits", "allow-name", "deny-host-bits", "deny-scope"],
 )
 def test_bad_tier_options_exit_2_naming_what_is_wrong(options, message):
     """A second --listen, an unknown --balance, a bad --allow or --deny entry: exit status 2,
