@@ -203,12 +203,18 @@ def _sni_route(text: str) -> tuple[str, tuple[str, int]]:
     return name, _connect_addr(target)
 
 
-def _cidr(text: str) -> str:
-    try:
-        AccessList([text])
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+def _cidr(which: str) -> Any:
+    """A parser of one --allow or --deny entry (``which``: "allow" or "deny", the list an
+    error names)."""
+
+    def parse(text: str) -> str:
+        try:
+            AccessList(**{which: [text]})
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return parse
 
 
 def _prog() -> str:
@@ -287,9 +293,9 @@ def build_parser(*, defaults: bool = True, raising: bool = False) -> argparse.Ar
                    metavar="SECONDS",
                    help="with --accept-proxy or --sni: how long a client has to send its PROXY "
                    f"header and ClientHello (default: {HEAD_TIMEOUT:g})")
-    p.add_argument("--allow", action="append", type=_cidr, default=d(None), metavar="CIDR",
+    p.add_argument("--allow", action="append", type=_cidr("allow"), default=d(None), metavar="CIDR",
                    help="only clients in these networks may connect (repeatable; IPv4 and IPv6)")
-    p.add_argument("--deny", action="append", type=_cidr, default=d(None), metavar="CIDR",
+    p.add_argument("--deny", action="append", type=_cidr("deny"), default=d(None), metavar="CIDR",
                    help="clients in these networks may not connect (repeatable; wins over --allow)")
     p.add_argument("--max-conns-per-client", type=_count(0), default=d(0), metavar="N",
                    help="at most N live connections per client address; more are closed at once "
