@@ -250,10 +250,11 @@ def build_parser(*, defaults: bool = True, raising: bool = False) -> argparse.Ar
         help="run a TCP proxy",
         description="Accept TCP connections on --listen, connect each to a --connect backend, "
         "and splice the two sockets together in both directions (zero-copy on Linux).",
-        epilog=EPILOG,
+        epilog=EPILOG.replace("python -m splicepool", _prog()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         raising=raising,
     )
+    parser.proxy_parser = p  # type: ignore[attr-defined]  # for errors found after parsing
     p.add_argument("--listen", action=_Once, type=_listen_addr, default=d(None), metavar="HOST:PORT",
                    help="address to accept on (required, once); IPv6 in brackets, as [::1]:8080; "
                    "0.0.0.0:PORT or [::]:PORT for every interface")
@@ -278,7 +279,7 @@ def build_parser(*, defaults: bool = True, raising: bool = False) -> argparse.Ar
     p.add_argument("--accept-proxy", action="store_true", default=d(False),
                    help="clients speak the PROXY protocol (v1 or v2): read the header first, and "
                    "log, check and balance by the address it carries")
-    p.add_argument("--proxy-from", action="append", type=_cidr, default=d(None), metavar="CIDR",
+    p.add_argument("--proxy-from", action="append", type=_cidr("allow"), default=d(None), metavar="CIDR",
                    help="with --accept-proxy: only peers in these networks may send a PROXY "
                    "header (repeatable; the load balancers' addresses); others are closed "
                    "unread (default: any peer)")
@@ -396,6 +397,7 @@ def load_args(argv: list[str] | None, *, raising: bool = False) -> argparse.Name
     args = parser.parse_args(argv)
     if args.command != "proxy":
         return args
+    parser = parser.proxy_parser  # errors from here on are the proxy command's
     if args.config is not None:
         try:
             words = config_argv(args.config)
@@ -410,7 +412,7 @@ def load_args(argv: list[str] | None, *, raising: bool = False) -> argparse.Name
             except ConfigError as exc:
                 why = str(exc).removeprefix(f"argument {chunk[0]}: ")
                 parser.error(f"--config {args.config}: {chunk[0][2:]}: {why}")
-        args = parser.parse_args(argv + [w for chunk in chunks for w in chunk])
+        args = build_parser(raising=raising).parse_args(argv + [w for chunk in chunks for w in chunk])
     for name in ("listen", "connect"):
         if getattr(args, name) is None:
             parser.error(f"--{name} is required (on the command line or in the --config file)")

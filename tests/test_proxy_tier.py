@@ -602,5 +602,5 @@ def test_the_splicepool_console_script_runs_the_cli_under_its_own_name():
                           capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
     assert done.returncode == 2, done
     assert done.stderr.splitlines()[-1] == (
-        "splicepool: error: --connect is required (on the command line or in the --config file)"
+        "splicepool proxy: error: --connect is required (on the command line or in the --config file)"
     ), done.stderr
