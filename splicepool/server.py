@@ -164,7 +164,7 @@ class _Conn:
 
     __slots__ = ("id", "client", "peer", "addr", "ip", "started", "upstream", "deadline",
                  "relay", "errors", "stage", "routes", "head", "header", "order", "bi",
-                 "backend", "addrs", "ai", "prefix", "counted", "_server")
+                 "backend", "addrs", "ai", "prefix", "early", "counted", "_server")
 
     def __init__(self, server: ProxyServer, id: int, client: socket.socket, addr: Any, started: float,
                  routes: Routes) -> None:
@@ -189,6 +189,7 @@ class _Conn:
         self.addrs: tuple[Any, ...] = ()  # that backend's addresses, as they were when it was tried
         self.ai = 0  # the index in addrs of the address tried now (or connected to)
         self.prefix: bytes | None = None  # to send upstream before splicing (PROXY header, head)
+        self.early = 0  # the client's own bytes in prefix: read with its head, counted in up=
         self.counted = False  # counted in the server's per-client numbers
 
     def __call__(self, _relay: Proxy) -> None:
@@ -487,6 +488,9 @@ class ProxyServer:
     def _start_head(self, conn: _Conn) -> None:
         client = conn.client
         assert client is not None
+        # accept() gives a blocking socket: a recv on it would hold the whole loop (every
+        # other client, and this one's head timeout) until the client sends or closes.
+        client.setblocking(False)
         conn.stage = _HEAD
         conn.head = bytearray()
         conn.deadline = time.monotonic() + conn.routes.head_timeout
@@ -557,6 +561,7 @@ class ProxyServer:
         conn.head = None
         if start < len(head):
             conn.prefix = bytes(head[start:])  # sent upstream as it came, before splicing
+            conn.early = len(head) - start
         self._admit(conn, name or None)
 
     def _take_header(self, conn: _Conn, header: ProxyHeader) -> None:
@@ -832,7 +837,9 @@ class ProxyServer:
         backend = conn.backend
         assert relay is not None and backend is not None
         c = self.counters
-        up, down = relay.forward.transferred, relay.reverse.transferred
+        # up: every byte of the client's written upstream, those read with its head included
+        # (a PROXY header, received or sent, is not the client's and is not counted).
+        up, down = conn.early + relay.forward.transferred, relay.reverse.transferred
         with self._live_lock:  # from live to finished at once: stats() never counts it twice
             del self._live[conn.id]
             c.live -= 1
@@ -982,7 +989,7 @@ class ProxyServer:
                 relay, backend = conn.relay, conn.backend
                 if relay is None or backend is None:
                     continue
-                up, down = relay.forward.transferred, relay.reverse.transferred
+                up, down = conn.early + relay.forward.transferred, relay.reverse.transferred
                 live_up += up
                 live_down += down
                 entry = backends.get(id(backend))
