@@ -120,6 +120,10 @@ def _name_sides(message: str) -> str:
     return re.sub(r"\b([ab]) fd \d+", lambda m: "client" if m.group(1) == "a" else "upstream", message)
 
 
+# The engine's words for a client that closed or reset before its relay could start.
+_CLIENT_GONE = re.compile(r"\bclient \([^)]*\) is not connected$")
+
+
 class Counters:
     """Connection counts since start (read by the stats server, written by the loop)."""
 
@@ -148,8 +152,8 @@ REFUSALS = {
     "bad_proxy_header": "no valid PROXY header",
     "bad_client_hello": "a malformed TLS ClientHello",
     "head_timeout": "no complete PROXY header or ClientHello in time",
-    "closed_early": "closed before its PROXY header or ClientHello",
-    "not_proxied": "the pool refused it (out of fds, closing)",
+    "closed_early": "closed before it was proxied (a balancer's health check, say)",
+    "not_proxied": "the pool refused it (out of fds, closing, the upstream gone)",
     "shutting_down": "the proxy stopped while its head was read",
 }
 
@@ -520,6 +524,9 @@ class ProxyServer:
     def _start_head(self, conn: _Conn) -> None:
         client = conn.client
         assert client is not None
+        # accept() gives a blocking socket: a recv on it would hold the whole loop (every
+        # other client, and this one's head timeout) until the client sends or closes.
+        client.setblocking(False)
         conn.stage = _HEAD
         conn.head = bytearray()
         conn.deadline = time.monotonic() + conn.routes.head_timeout
@@ -859,7 +866,11 @@ class ProxyServer:
             backend = conn.backend
             if backend is not None:
                 backend.live -= 1
-            self._refuse(conn, "not_proxied", f"not proxied: {_name_sides(str(exc))}")
+            why = _name_sides(str(exc))
+            if _CLIENT_GONE.search(why):  # it closed or reset first: a balancer's health check, say
+                self._refuse(conn, "closed_early", f"not proxied: {why}", logging.DEBUG)
+            else:
+                self._refuse(conn, "not_proxied", f"not proxied: {why}")
             return
         backend = conn.backend
         assert backend is not None
@@ -874,6 +885,8 @@ class ProxyServer:
         relay = conn.relay
         backend = conn.backend
         c = self.counters
+        # up: every byte of the client's written upstream, those read with its head included
+        # (a PROXY header, received or sent, is not the client's and is not counted).
         up, down = relay.forward.transferred + conn.ahead, relay.reverse.transferred
         with self._live_lock:  # from live to finished at once: stats() never counts it twice
             del self._live[conn.id]

@@ -521,6 +521,41 @@ SECTIONS = {
 }
 
 
+def launch_haproxy(tmp_path, sections: list[str], global_lines: str = "") -> subprocess.Popen | None:
+    """``haproxy -db`` on ``GLOBAL`` (``global_lines`` added to its global section), ``sections``
+    and a probe frontend that rejects every connection; returns once the probe connects
+    (haproxy binds every listener before it serves any), or None when haproxy exited at once
+    or its probe never answered (a port that free_port found was taken: pick others and call
+    again). Its output goes to ``tmp_path/haproxy.out`` and ``haproxy.err``; the caller stops
+    the process."""
+    probe = free_port()
+    cfg = [GLOBAL.replace("global\n", "global\n" + global_lines, 1), *sections]
+    cfg.append(f"frontend probe\n  bind 127.0.0.1:{probe}\n  tcp-request connection reject\n")
+    path = tmp_path / "haproxy.cfg"
+    path.write_text("\n".join(cfg))
+    with (
+        open(tmp_path / "haproxy.out", "wb") as out,
+        open(tmp_path / "haproxy.err", "wb") as err,
+    ):
+        proc = subprocess.Popen(["haproxy", "-f", str(path), "-db"], stdout=out, stderr=err)
+
+    def listening() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", probe), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    until(lambda: proc.poll() is not None or listening(), 10)
+    if proc.poll() is not None:
+        return None
+    if not listening():  # it runs, but its probe port answers no connect: try other ports
+        proc.kill()
+        proc.wait(5)
+        return None
+    return proc
+
+
 class HAProxy:
     """One haproxy process with a ``listen`` section per ``SECTIONS`` entry: ``front[name]``
     is where it listens, ``back[name]`` the Python listener its server line points at."""
@@ -545,42 +580,17 @@ class HAProxy:
 
     def _start(self, tmp_path) -> bool:
         self.front = {name: (host, free_port(host)) for name, (host, _, _) in SECTIONS.items()}
-        self.probe = free_port()
-        cfg = [GLOBAL]
+        sections = []
         for name, (host, bind_opts, server_opts) in SECTIONS.items():
             port = self.front[name][1]
             back_port = self.back[name].getsockname()[1]
             bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            cfg.append(
+            sections.append(
                 f"listen {name}\n  bind {bind} {bind_opts}\n"
                 f"  server s 127.0.0.1:{back_port} {server_opts}\n"
             )
-        cfg.append(
-            f"frontend probe\n  bind 127.0.0.1:{self.probe}\n  tcp-request connection reject\n"
-        )
-        path = tmp_path / "haproxy.cfg"
-        path.write_text("\n".join(cfg))
-        with (
-            open(tmp_path / "haproxy.out", "wb") as out,
-            open(tmp_path / "haproxy.err", "wb") as err,
-        ):
-            self.proc = subprocess.Popen(
-                ["haproxy", "-f", str(path), "-db"], stdout=out, stderr=err
-            )
-        until(lambda: self.proc.poll() is not None or self._listening(), 5)
-        if self.proc.poll() is not None:
-            return False
-        assert self._listening(), (
-            f"haproxy runs but does not listen:\n{(tmp_path / 'haproxy.err').read_text()}"
-        )
-        return True
-
-    def _listening(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.probe), timeout=1).close()
-        except OSError:
-            return False
-        return True
+        self.proc = launch_haproxy(tmp_path, sections)
+        return self.proc is not None
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
