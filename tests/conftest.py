@@ -367,3 +367,33 @@ def link():
     ln = Link()
     yield ln
     ln.close()
+
+
+@pytest.fixture
+def blackhole():
+    """``(host, port)`` on 127.0.0.1 whose connects hang until their timeout: a listener with
+    a full accept queue, so the kernel drops further SYNs. Skips where the kernel completes
+    such connects anyway."""
+    with socket.socket() as blocked:
+        blocked.bind(("127.0.0.1", 0))
+        blocked.listen(0)
+        addr = blocked.getsockname()
+        fillers = []
+        try:
+            for _ in range(3):
+                f = socket.socket()
+                f.setblocking(False)
+                f.connect_ex(addr)
+                fillers.append(f)
+            assert until(lambda: accept_queue_full(blocked), 3.0), "the fillers never filled the accept queue"
+            with socket.socket() as probe:
+                probe.settimeout(0.3)
+                try:
+                    probe.connect(addr)
+                    pytest.skip("this kernel completes connects to a full accept queue")
+                except TimeoutError:
+                    pass
+            yield addr
+        finally:
+            for f in fillers:
+                f.close()

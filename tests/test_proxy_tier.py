@@ -20,14 +20,12 @@ from pathlib import Path
 import pytest
 import test_cli
 from conftest import (
-    accept_queue_full,
     digest,
     own_processes,
     payload,
     recv_exact,
     recv_until_eof,
     send_in_thread,
-    until,
     wait_until,
 )
 from test_cli import ROOT, echo, hostport, http_get, ping, run_cli, sockname
@@ -336,41 +334,13 @@ def test_a_refusing_backend_is_skipped_and_every_client_is_served_intact(upstrea
     assert not a.errors and not c.errors
 
 
-@pytest.fixture
-def blackhole():
-    """A loopback address whose connects hang: a listener with a full accept queue (the kernel
-    drops further SYNs). Skips where the kernel completes such connects anyway."""
-    with socket.socket() as blocked:
-        blocked.bind(("127.0.0.1", 0))
-        blocked.listen(0)
-        addr = blocked.getsockname()
-        fillers = []
-        try:
-            for _ in range(3):
-                f = socket.socket()
-                f.setblocking(False)
-                f.connect_ex(addr)
-                fillers.append(f)
-            assert until(lambda: accept_queue_full(blocked)), "the fillers never filled the accept queue"
-            with socket.socket() as probe:
-                probe.settimeout(0.3)
-                try:
-                    probe.connect(addr)
-                    pytest.skip("this kernel completes connects to a full accept queue")
-                except TimeoutError:
-                    pass
-            yield hostport(*addr)
-        finally:
-            for f in fillers:
-                f.close()
-
-
 def test_a_backend_that_times_out_is_skipped_after_connect_timeout(upstreams, start_proxy, blackhole):
     """A blackholed backend first, a live one second, --connect-timeout 0.5: the first client
     waits out the 0.5 s and is served by the live one; the second's turn is the live one's,
     at once. The blackhole's failures are exactly 1, and no client failed."""
     live = upstreams(tagged(b"L"))
-    proxy = start_proxy(blackhole, "--connect", live.addr, "--connect-timeout", "0.5", stats=True)
+    hole = hostport(*blackhole)
+    proxy = start_proxy(hole, "--connect", live.addr, "--connect-timeout", "0.5", stats=True)
     waits = []
     for _ in range(2):
         with connect(proxy.port) as client:
@@ -384,7 +354,7 @@ def test_a_backend_that_times_out_is_skipped_after_connect_timeout(upstreams, st
     backends = by_name(proxy)
     assert [(s["connections"], s["failures"], s["live"]) for s in backends.values()] == [(0, 1, 0), (2, 0, 0)]
     assert metric_lines(proxy, "backend_connect_failures_total") == per_backend(
-        "backend_connect_failures_total", {blackhole: 1, live.addr: 0}
+        "backend_connect_failures_total", {hole: 1, live.addr: 0}
     )
     assert [line["upstream"] for line in proxy.conn_lines()] == [live.addr, live.addr]
 

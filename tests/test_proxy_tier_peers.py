@@ -709,6 +709,23 @@ class Load:
         return list(self.results)
 
 
+def two_tier_front(haproxy, proxies: list, stats_socket: str, extra: str = "") -> int:
+    """The port of an HAProxy balancing round-robin over ``proxies`` (splicepools with
+    --accept-proxy) with send-proxy-v2 and health checks every 200 ms (``extra``: more
+    lines for its ``listen`` section), once it has seen every one of them UP."""
+    front = haproxy(
+        lambda port: [
+            f"listen tier\n  bind 127.0.0.1:{port}\n  balance roundrobin\n{extra}"
+            + "".join(f"  server s{i} 127.0.0.1:{p.port} send-proxy-v2 check inter 200ms fall 2 rise 2\n"
+                      for i, p in enumerate(proxies, 1))
+        ],
+        global_lines=f"  stats socket {stats_socket} level admin\n",
+    )
+    every = {f"s{i}": "UP" for i in range(1, len(proxies) + 1)}
+    wait_until(lambda: server_status(stats_socket) == every, 10, "every server UP")
+    return front
+
+
 def server_status(stats_socket: str) -> dict[str, str]:
     """HAProxy's view of its servers (``show stat`` on its stats socket): name -> status."""
     with socket.socket(socket.AF_UNIX) as s:
@@ -743,16 +760,7 @@ def test_two_tier_survives_a_killed_splicepool_and_a_reload(upstreams, start_pro
     killed, survivor = proxies
     with tempfile.TemporaryDirectory(prefix="sp-hap-") as where:  # a short path: sun_path has 108 bytes
         stats_socket = f"{where}/stats.sock"
-        front = haproxy(
-            lambda port: [
-                f"listen tier\n  bind 127.0.0.1:{port}\n  balance roundrobin\n  retries 3\n"
-                "  option redispatch 1\n"
-                + "".join(f"  server s{i} 127.0.0.1:{p.port} send-proxy-v2 check inter 200ms fall 2 rise 2\n"
-                          for i, p in enumerate(proxies, 1))
-            ],
-            global_lines=f"  stats socket {stats_socket} level admin\n",
-        )
-        wait_until(lambda: server_status(stats_socket) == {"s1": "UP", "s2": "UP"}, 10, "both servers UP")
+        front = two_tier_front(haproxy, proxies, stats_socket, "  retries 3\n  option redispatch 1\n")
 
         load = Load(front)
         try:
@@ -811,16 +819,7 @@ def test_sigterm_drains_a_splicepool_that_haproxy_then_stops_using(upstreams, st
     proxies = [start_proxy(upstream.addr, "--accept-proxy", "--grace", "30", stats=True) for _ in range(2)]
     with tempfile.TemporaryDirectory(prefix="sp-hap-") as where:  # a short path: sun_path has 108 bytes
         stats_socket = f"{where}/stats.sock"
-        front = haproxy(
-            lambda port: [
-                f"listen tier\n  bind 127.0.0.1:{port}\n  balance roundrobin\n  timeout server 60s\n"
-                "  timeout client 60s\n"
-                + "".join(f"  server s{i} 127.0.0.1:{p.port} send-proxy-v2 check inter 200ms fall 2 rise 2\n"
-                          for i, p in enumerate(proxies, 1))
-            ],
-            global_lines=f"  stats socket {stats_socket} level admin\n",
-        )
-        wait_until(lambda: server_status(stats_socket) == {"s1": "UP", "s2": "UP"}, 10, "both servers UP")
+        front = two_tier_front(haproxy, proxies, stats_socket, "  timeout server 60s\n  timeout client 60s\n")
         first = payload(1 << 20, 71)
         rest = payload(3 << 20, 72)
         with connect_from("127.0.0.20", front) as live:

@@ -18,17 +18,24 @@ from pathlib import Path
 import pytest
 import test_cli
 from conftest import (
-    accept_queue_full,
     digest,
     free_port,
     own_processes,
     payload,
     recv_exact,
-    until,
     wait_until,
 )
 from test_backends import can_unshare, rewrite_in_place
-from test_cli import START_TIMEOUT, ProxyProc, Upstream, hostport, http_get, ping, run_cli, sockname
+from test_cli import (
+    ProxyProc,
+    Upstream,
+    hostport,
+    http_get,
+    ping,
+    run_cli,
+    sockname,
+    wait_listening,
+)
 
 pytestmark = own_processes
 upstreams = test_cli.upstreams  # the fixtures, shared
@@ -129,18 +136,8 @@ def config_proxy(tmp_path):
                 stats_port, wrap=wrap, config=path, fixed=fixed,
             )
             started.append(proxy)
-            deadline = time.monotonic() + START_TIMEOUT
-            while time.monotonic() < deadline:
-                log = proxy.log()
-                if log.count(" INFO listening on ") >= processes:
-                    return proxy
-                if "Address already in use" in log or proxy.proc.poll() is not None:
-                    break
-                time.sleep(0.02)  # the poll interval: the wait ends on "listening on"
-            log = proxy.log()
-            proxy.kill()
-            if "Address already in use" not in log:
-                pytest.fail(f"the proxy did not start (attempt {attempt + 1}):\n{log}")
+            if wait_listening(proxy, processes, attempt):
+                return proxy
         pytest.fail("no free ports after 20 attempts")
 
     yield start
@@ -575,44 +572,23 @@ def test_reload_applies_idle_and_max_conns_to_new_connections_only(upstreams, co
     assert [line["reason"] for line in proxy.conn_lines()] == ["IDLE", "EOF", "EOF"]
 
 
-def test_reload_applies_the_connect_timeout(upstreams, config_proxy):
+def test_reload_applies_the_connect_timeout(upstreams, config_proxy, blackhole):
     """connect-timeout 30 at start; the reload says 0.5 and a backend whose accept queue is
     full (the kernel drops further SYNs: its connects hang): a client is closed after about
     0.5 s, not 30, with the timeout logged."""
     a = upstreams()
-    with socket.socket() as blocked:
-        blocked.bind(("127.0.0.1", 0))
-        blocked.listen(0)
-        addr = blocked.getsockname()
-        fillers = []
-        try:
-            for _ in range(3):
-                f = socket.socket()
-                f.setblocking(False)
-                f.connect_ex(addr)
-                fillers.append(f)
-            assert until(lambda: accept_queue_full(blocked)), "the fillers never filled the accept queue"
-            with socket.socket() as probe:
-                probe.settimeout(0.3)
-                try:
-                    probe.connect(addr)
-                    pytest.skip("this kernel completes connects to a full accept queue")
-                except TimeoutError:
-                    pass
-            proxy = config_proxy({"connect": [a.addr], "connect-timeout": 30})
-            assert proxy.reload({"connect": [hostport(*addr)], "connect-timeout": 0.5}) == hostport(*addr)
-            with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client:
-                t0 = time.monotonic()
-                assert refused_or_closed(client)
-                waited = time.monotonic() - t0
-            assert 0.4 <= waited <= 3.0, waited
-            proxy.wait_log(rf" WARNING conn 1 \S+ -> {re.escape(hostport(*addr))}: upstream connect "
-                           r"failed: connect timed out; client closed$")
-            st = proxy.wait_stats(failed_connects=1)
-            assert (st["accepted"], st["live"], st["finished"], st["reloads"]) == (1, 0, 0, 1)
-        finally:
-            for f in fillers:
-                f.close()
+    hole = hostport(*blackhole)
+    proxy = config_proxy({"connect": [a.addr], "connect-timeout": 30})
+    assert proxy.reload({"connect": [hole], "connect-timeout": 0.5}) == hole
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as client:
+        t0 = time.monotonic()
+        assert refused_or_closed(client)
+        waited = time.monotonic() - t0
+    assert 0.4 <= waited <= 3.0, waited
+    proxy.wait_log(rf" WARNING conn 1 \S+ -> {re.escape(hole)}: upstream connect "
+                   r"failed: connect timed out; client closed$")
+    st = proxy.wait_stats(failed_connects=1)
+    assert (st["accepted"], st["live"], st["finished"], st["reloads"]) == (1, 0, 0, 1)
 
 
 def test_reload_applies_the_log_level(upstreams, config_proxy):
