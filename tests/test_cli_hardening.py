@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -19,6 +20,8 @@ import pytest
 import test_cli
 from conftest import free_port, own_processes, recv_until_eof, reset, until, wait_until
 from test_cli import (
+    ROOT,
+    START_TIMEOUT,
     _has_ipv6_loopback,
     http_get,
     listening_addresses,
@@ -62,6 +65,52 @@ def test_sighup_without_config_and_sigusr1_are_logged_and_ignored(upstreams, sta
     log = proxy.log()
     assert "stopped after 2 connection(s)" in log
     assert "Traceback" not in log
+
+
+# A SIGHUP sent to the proxy at the last moment before run_proxy installs its handler (in
+# the one process, or in a child just forked): its default action would kill the process.
+EARLY_SIGHUP = """
+import os, signal, sys
+import splicepool.__main__ as cli
+real = cli.run_proxy
+def run_proxy(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGHUP)  # before run_proxy handles SIGHUP
+    return real(*args, **kwargs)
+cli.run_proxy = run_proxy
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_sighup_before_the_handler_is_in_place_is_handled_not_fatal(upstreams, tmp_path, processes):
+    """main() (and the supervisor, for a child it forks) keeps SIGHUP blocked until the
+    reload handler is in place: one that came before is handled then (here: no --config,
+    so logged and ignored), and no process dies of it."""
+    up = upstreams()
+    port = free_port()
+    log_path = tmp_path / "proxy.log"
+    args = ["proxy", "--listen", f"127.0.0.1:{port}", "--connect", up.addr]
+    if processes > 1:
+        args += ["--processes", str(processes), "--reuse-port"]
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-c", EARLY_SIGHUP, *args], cwd=ROOT,
+                                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+        try:
+            def handled() -> bool:
+                text = log_path.read_text()
+                return text.count("WARNING reload: no --config file to read again; ignored") >= processes
+            wait_until(handled, START_TIMEOUT, f"{processes} SIGHUP(s) handled")
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                ping(c)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+    text = log_path.read_text()
+    assert "SIGHUP" not in text.replace("reload: no --config", ""), text  # no child died of it
+    assert not re.search(r"process \d+ \(pid \d+\)", text), text  # no child ended early
 
 
 # -- 8. --processes supervises its children ---------------------------------------------------------
