@@ -289,7 +289,8 @@ def build_parser(*, defaults: bool = True, raising: bool = False) -> argparse.Ar
     p.add_argument("--sni", action="append", type=_sni_route, default=d(None),
                    metavar="NAME=HOST:PORT",
                    help="TLS passthrough: a client whose ClientHello names NAME (or, with "
-                   "*.DOMAIN, a name under DOMAIN) goes to HOST:PORT; others to --connect")
+                   "*.DOMAIN, a name under DOMAIN) goes to HOST:PORT; others to --connect; a "
+                   "NAME given again adds a backend for it, spread by --balance")
     p.add_argument("--head-timeout", type=_positive_float, default=d(HEAD_TIMEOUT),
                    metavar="SECONDS",
                    help="with --accept-proxy or --sni: how long a client has to send its PROXY "

@@ -57,7 +57,8 @@ class Routes:
 
     ``connect``: the default backends as ``(host, port)`` pairs (names are resolved here:
     ``OSError`` if one does not resolve). ``sni``: ``(server name, (host, port))`` pairs;
-    a ClientHello naming one goes to its backend, any other to ``connect``. ``reuse``: the
+    a ClientHello naming one goes to its backend (a name given with several: to those, by
+    ``balance``), any other to ``connect``. ``reuse``: the
     routes this replaces; a backend with the same ``HOST:PORT`` is the same object (its
     state, counters and live connections carry over) instead of a new one; its name is
     resolved again too, and its addresses replaced once everything else here passed.
@@ -128,17 +129,22 @@ class Routes:
                 raise ValueError(f"backend {format_hostport(host, port)} is given twice")
             defaults.append(backend(host, port))
         self.default = BackendSet(defaults, balance)
-        exact: dict[str, BackendSet] = {}
-        wild: list[tuple[str, BackendSet]] = []
+        by_name: dict[str, list[Backend]] = {}  # a name given again: one more backend for it
         for name, (host, port) in sni:
             key = sni_name(name)
-            if key in exact or any(key == w for w, _ in wild):
-                raise ValueError(f"server name {key} is routed twice")
-            target = BackendSet([backend(host, port)])
+            target = backend(host, port)
+            listed = by_name.setdefault(key, [])
+            if target in listed:
+                raise ValueError(f"server name {key} is routed to {target.name} twice")
+            listed.append(target)
+        exact: dict[str, BackendSet] = {}
+        wild: list[tuple[str, BackendSet]] = []
+        for key, targets in by_name.items():
+            spread = BackendSet(targets, balance)  # several: spread as --connect's are
             if key.startswith("*."):
-                wild.append((key[1:], target))  # ".example.com": a suffix match
+                wild.append((key[1:], spread))  # ".example.com": a suffix match
             else:
-                exact[key] = target
+                exact[key] = spread
         wild.sort(key=lambda item: -len(item[0]))  # the longest suffix wins
         self.sni = exact
         self.wild = tuple(wild)
@@ -170,8 +176,8 @@ class Routes:
     def order(self, client_ip: str | None, server_name: str | None = None) -> list[Backend]:
         """The backends one new connection should try, in order; [] when none is up.
 
-        A ``server_name`` routed by ``--sni`` goes to its own backend only; any other
-        name, or none, goes to the default backends by the balance."""
+        A ``server_name`` routed by ``--sni`` goes to its own backends only; any other
+        name, or none, goes to the default backends; each set by the balance."""
         if server_name is not None and (self.sni or self.wild):
             target = self.sni.get(server_name)
             if target is None:
@@ -189,18 +195,22 @@ class Routes:
         text = ", ".join(names)
         if len(names) > 1:
             text += f" ({self.default.balance})"
-        routed = [(k, s) for k, s in self.sni.items()] + [("*" + k, s) for k, s in self.wild]
+        routed = self._routed()
         if routed:
-            text += "; by server name: " + ", ".join(f"{k} -> {s.backends[0].name}" for k, s in routed)
+            text += "; by server name: " + ", ".join(f"{k} -> {', '.join(v)}" for k, v in routed.items())
         return text
+
+    def _routed(self) -> dict[str, list[str]]:
+        """Each --sni name (``*.DOMAIN`` for a wildcard) and the names of its backends."""
+        named = [*self.sni.items(), *(("*" + suffix, spread) for suffix, spread in self.wild)]
+        return {key: [b.name for b in spread.backends] for key, spread in named}
 
     def options(self) -> dict[str, Any]:
         """The settings as a dict (for /stats)."""
         return {
             "balance": self.default.balance,
             "backends": [b.name for b in self.default.backends],
-            "sni": {k: s.backends[0].name for k, s in self.sni.items()}
-            | {"*" + k: s.backends[0].name for k, s in self.wild},
+            "sni": self._routed(),
             "access": self.acl.describe() if self.acl else "",
             "max_conns_per_client": self.max_per_client,
             "accept_proxy": self.accept_proxy,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -574,3 +575,28 @@ def test_the_splicepool_console_script_runs_the_cli_under_its_own_name():
     assert done.stderr.splitlines()[-1] == (
         "splicepool proxy: error: --connect is required (on the command line or in the --config file)"
     ), done.stderr
+
+
+def test_a_server_name_routed_to_two_backends_spreads_its_clients_over_them(upstreams, start_proxy):
+    """--sni a.test=A --sni a.test=B: clients whose ClientHello names a.test reach A and B in
+    turn, each with its hello delivered whole (the backends echo it: sha256); a hello naming
+    another server goes to the default backend."""
+    a, b, d = (upstreams(tagged(tag)) for tag in (b"A", b"B", b"D"))
+    proxy = start_proxy(d.addr, "--sni", f"a.test={a.addr}", "--sni", f"a.test={b.addr}", stats=True)
+
+    def hello_to(name: str) -> bytes:
+        client = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(),
+                                                       server_hostname=name)
+        with pytest.raises(ssl.SSLWantReadError):
+            client.do_handshake()
+        return out.read()
+
+    tags = []
+    for name in ("a.test", "a.test", "a.test", "other.test"):
+        hello = hello_to(name)
+        with connect(proxy.port) as c:
+            c.sendall(hello)
+            tags.append(reached(c))
+            assert digest(recv_exact(c, len(hello))) == digest(hello)
+    assert tags == [b"A", b"B", b"A", b"D"]
+    assert proxy.stats()["routes"]["sni"] == {"a.test": [a.addr, b.addr]}

@@ -82,3 +82,24 @@ def test_routes_and_proxy_server_serve_reload_and_count_per_backend(backends):
         server.stop()
         loop.join(10)
     assert not loop.is_alive()
+
+
+def test_a_server_name_given_several_backends_spreads_over_them_by_the_balance():
+    """--sni a.test=A --sni a.test=B: a.test's connections go to A and B in turn (the
+    balance of --connect's), never to the default; the same pair twice is refused, naming it."""
+    ups = [Upstream(tagged(tag)) for tag in (b"A", b"B", b"D")]
+    try:
+        a, b, d = ((u.host, u.port) for u in ups)
+        routes = Routes([d], sni=[("a.test", a), ("A.Test.", b), ("*.w.test", a)])
+        picks = [routes.order("127.0.0.1", "a.test")[0].name for _ in range(4)]
+        assert picks == [ups[0].addr, ups[1].addr] * 2
+        assert [x.name for x in routes.order("127.0.0.1", "x.w.test")] == [ups[0].addr]
+        assert [x.name for x in routes.order("127.0.0.1", "other.test")] == [ups[2].addr]
+        assert routes.options()["sni"] == {"a.test": [ups[0].addr, ups[1].addr], "*.w.test": [ups[0].addr]}
+        assert routes.describe().endswith(
+            f"; by server name: a.test -> {ups[0].addr}, {ups[1].addr}, *.w.test -> {ups[0].addr}")
+        with pytest.raises(ValueError, match=rf"^server name a\.test is routed to {ups[0].addr} twice$"):
+            Routes([d], sni=[("a.test", a), ("a.test.", a)])
+    finally:
+        for u in ups:
+            u.close()
