@@ -35,9 +35,12 @@ soak: install
 	SPLICEPOOL_SOAK=1 $(PY) -m pytest -q -m soak --timeout=1800
 
 # splicepool's proxy against a direct connection, a thread and an asyncio relay, and (installed
-# with apt-get when run as root, else skipped with a line saying so) HAProxy and socat.
+# with apt-get when run as root, else skipped with a line saying so) HAProxy and socat; then
+# the SOCKS5 front door against pproxy (PyPI, the bench extra).
 bench: install
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/compare.py --install-peers $(BENCH_ARGS)
+	$(PY) bench/socks_bench.py
 
 # A py-spy flame graph of the proxy under a 1-stream bulk load.
 profile: install

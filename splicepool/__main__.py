@@ -14,7 +14,7 @@ import time
 from .acl import AccessList
 from .backends import BALANCES
 from .pool import SplicePool
-from .routes import HEAD_TIMEOUT, Routes, sni_name
+from .routes import HEAD_TIMEOUT, Routes, SocksPolicy, sni_name
 from .server import (
     WILDCARDS,
     ProxyServer,
@@ -93,6 +93,26 @@ file changes nothing (an error line); an option that needs a restart
 --processes, the parent forwards SIGINT/SIGTERM/SIGHUP to the children and
 replaces a child that dies (after 0.1 s, doubling up to 5 s while they keep
 dying within 10 s of starting). More: docs/proxy-tier.md.
+"""
+
+SOCKS_EPILOG = """\
+examples:
+  # a SOCKS5 proxy for this machine only, to anywhere (a warning line says so)
+  python -m splicepool socks --listen 127.0.0.1:1080
+  curl --socks5-hostname 127.0.0.1:1080 https://example.com/
+
+  # with users, to the 10.0.0.0/8 network only, stats on 127.0.0.1:9101
+  python -m splicepool socks --listen 0.0.0.0:1080 --user alice:s3cret \\
+      --allow-target 10.0.0.0/8 --stats-listen 9101
+  curl --socks5 alice:s3cret@127.0.0.1:1080 http://10.0.0.7/
+
+CONNECT only (BIND and UDP ASSOCIATE get reply 0x07). Replies: 0x05 when the
+target refuses, 0x04 when it is unreachable, times out (--connect-timeout)
+or its name does not resolve, 0x02 when --allow-target/--deny-target (or the
+proxy's own address) forbid it. Target names are resolved in background
+threads, never in the accept loop. Each finished connection logs one line, as
+the proxy command does; USER@ comes before the client's address. SIGHUP
+re-reads --config (users and target lists too); more: docs/socks.md.
 """
 
 _INF = float("inf")
@@ -217,6 +237,15 @@ def _cidr(which: str) -> Any:
     return parse
 
 
+def _user(text: str) -> tuple[str, str]:
+    name, sep, password = text.partition(":")
+    if not sep or not name or not password:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:PASSWORD, neither empty")
+    if len(name.encode()) > 255 or len(password.encode()) > 255:
+        raise argparse.ArgumentTypeError(f"{name!r}: a name and a password are at most 255 bytes each")
+    return name, password
+
+
 def _prog() -> str:
     return "splicepool" if os.path.basename(sys.argv[0]) == "splicepool" else "python -m splicepool"
 
@@ -224,15 +253,15 @@ def _prog() -> str:
 # The long options of `proxy`, as a --config file names them, by kind.
 FLAG_OPTIONS = {"accept-proxy", "bind-cpus", "reuse-port"}  # true or false
 BOOLEAN_OPTIONS = {"nodelay"}  # true or false: --nodelay / --no-nodelay
-LIST_OPTIONS = {"connect", "sni", "allow", "deny", "proxy-from"}  # may repeat: a list
+LIST_OPTIONS = {"connect", "sni", "allow", "deny", "proxy-from", "user", "allow-target", "deny-target"}  # may repeat: a list
 VALUE_OPTIONS = {
     "listen", "balance", "workers", "idle", "max-conns", "max-conns-per-client", "connect-timeout",
     "pipe-size", "processes", "grace", "stats-listen", "log-level", "health-check", "rise", "fall",
     "resolve-every", "send-proxy", "head-timeout",
 }
 # What a reload applies; every other option takes effect on a restart (a reload says so).
-RELOADABLE = {"connect", "sni", "allow", "deny", "balance", "max-conns-per-client", "accept-proxy", "proxy-from",
-              "send-proxy", "head-timeout", "health-check", "rise", "fall", "resolve-every", "idle",
+RELOADABLE = {"connect", "sni", "allow", "deny", "balance", "max-conns-per-client", "accept-proxy",
+              "proxy-from", "user", "allow-target", "deny-target", "send-proxy", "head-timeout", "health-check", "rise", "fall", "resolve-every", "idle",
               "connect-timeout", "max-conns", "log-level", "config"}
 
 
@@ -252,12 +281,11 @@ def build_parser(*, defaults: bool = True, raising: bool = False) -> argparse.Ar
         "and splice the two sockets together in both directions (zero-copy on Linux).",
         epilog=EPILOG.replace("python -m splicepool", _prog()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # --connect in socks must not mean --connect-timeout
         raising=raising,
     )
     parser.proxy_parser = p  # type: ignore[attr-defined]  # for errors found after parsing
-    p.add_argument("--listen", action=_Once, type=_listen_addr, default=d(None), metavar="HOST:PORT",
-                   help="address to accept on (required, once); IPv6 in brackets, as [::1]:8080; "
-                   "0.0.0.0:PORT or [::]:PORT for every interface")
+    _add_listen(p, d)
     p.add_argument("--connect", action="append", type=_connect_addr, default=d(None),
                    metavar="HOST:PORT",
                    help="a backend (required; repeat it for several): every address its name "
@@ -276,13 +304,7 @@ def build_parser(*, defaults: bool = True, raising: bool = False) -> argparse.Ar
     p.add_argument("--resolve-every", type=_seconds, default=d(0.0), metavar="SECONDS",
                    help="resolve the backends' names again this often, so a DNS change reaches "
                    "new connections (default: 0, only at start and on reload)")
-    p.add_argument("--accept-proxy", action="store_true", default=d(False),
-                   help="clients speak the PROXY protocol (v1 or v2): read the header first, and "
-                   "log, check and balance by the address it carries")
-    p.add_argument("--proxy-from", action="append", type=_cidr("allow"), default=d(None), metavar="CIDR",
-                   help="with --accept-proxy: only peers in these networks may send a PROXY "
-                   "header (repeatable; the load balancers' addresses); others are closed "
-                   "unread (default: any peer)")
+    _add_accept_proxy(p, d)
     p.add_argument("--send-proxy", choices=("v1", "v2"), default=d(None),
                    help="send a PROXY protocol header of this version to the backend before any "
                    "byte of the client")
@@ -291,10 +313,58 @@ def build_parser(*, defaults: bool = True, raising: bool = False) -> argparse.Ar
                    help="TLS passthrough: a client whose ClientHello names NAME (or, with "
                    "*.DOMAIN, a name under DOMAIN) goes to HOST:PORT; others to --connect; a "
                    "NAME given again adds a backend for it, spread by --balance")
+    _add_common(p, d)
+    s = sub.add_parser(
+        "socks",
+        help="run a SOCKS5 proxy",
+        description="A SOCKS5 server (RFC 1928, CONNECT; RFC 1929 user names and passwords): "
+        "each client names its target, and the two sockets are spliced together in both "
+        "directions (zero-copy on Linux).",
+        epilog=SOCKS_EPILOG.replace("python -m splicepool", _prog()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # --connect in socks must not mean --connect-timeout
+        raising=raising,
+    )
+    parser.socks_parser = s  # type: ignore[attr-defined]
+    _add_listen(s, d)
+    s.add_argument("--user", action="append", type=_user, default=d(None), metavar="NAME:PASSWORD",
+                   help="a user who may connect (repeatable; RFC 1929); with none, no "
+                   "authentication (prefer a --config file: a command line is visible to ps)")
+    s.add_argument("--allow-target", action="append", type=_cidr("allow"), default=d(None),
+                   metavar="CIDR", help="clients may connect only to these networks "
+                   "(repeatable; default: anywhere, said in a warning line)")
+    s.add_argument("--deny-target", action="append", type=_cidr("deny"), default=d(None),
+                   metavar="CIDR", help="clients may not connect to these networks (repeatable; "
+                   "wins over --allow-target)")
+    _add_accept_proxy(s, d)
+    _add_common(s, d)
+    return parser
+
+
+def _add_listen(p: argparse.ArgumentParser, d: Any) -> None:
+    p.add_argument("--listen", action=_Once, type=_listen_addr, default=d(None), metavar="HOST:PORT",
+                   help="address to accept on (required, once); IPv6 in brackets, as [::1]:8080; "
+                   "0.0.0.0:PORT or [::]:PORT for every interface")
+
+
+def _add_accept_proxy(p: argparse.ArgumentParser, d: Any) -> None:
+    p.add_argument("--accept-proxy", action="store_true", default=d(False),
+                   help="clients speak the PROXY protocol (v1 or v2): read the header first, and "
+                   "log, check and balance by the address it carries")
+    p.add_argument("--proxy-from", action="append", type=_cidr("allow"), default=d(None), metavar="CIDR",
+                   help="with --accept-proxy: only peers in these networks may send a PROXY "
+                   "header (repeatable; the load balancers' addresses); others are closed "
+                   "unread (default: any peer)")
+
+
+def _add_common(p: argparse.ArgumentParser, d: Any) -> None:
+    """The options every front door has: head time, client lists and limits, the file,
+    the pool, the process and the stats."""
     p.add_argument("--head-timeout", type=_positive_float, default=d(HEAD_TIMEOUT),
                    metavar="SECONDS",
-                   help="with --accept-proxy or --sni: how long a client has to send its PROXY "
-                   f"header and ClientHello (default: {HEAD_TIMEOUT:g})")
+                   help="how long a client has to send what is read before connecting: its "
+                   "PROXY header (--accept-proxy), ClientHello (--sni) or SOCKS5 request "
+                   f"(default: {HEAD_TIMEOUT:g})")
     p.add_argument("--allow", action="append", type=_cidr("allow"), default=d(None), metavar="CIDR",
                    help="only clients in these networks may connect (repeatable; IPv4 and IPv6)")
     p.add_argument("--deny", action="append", type=_cidr("deny"), default=d(None), metavar="CIDR",
@@ -339,7 +409,6 @@ def build_parser(*, defaults: bool = True, raising: bool = False) -> argparse.Ar
     p.add_argument("--log-level", default=d("info"),
                    choices=["debug", "info", "warning", "error"],
                    help="logging level (default: info)")
-    return parser
 
 
 def config_argv(path: str) -> list[list[str]]:
@@ -396,9 +465,10 @@ def load_args(argv: list[str] | None, *, raising: bool = False) -> argparse.Name
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(raising=raising)
     args = parser.parse_args(argv)
-    if args.command != "proxy":
+    if args.command not in ("proxy", "socks"):
         return args
-    parser = parser.proxy_parser  # errors from here on are the proxy command's
+    # errors from here on are the command's own
+    parser = parser.proxy_parser if args.command == "proxy" else parser.socks_parser
     if args.config is not None:
         try:
             words = config_argv(args.config)
@@ -414,7 +484,7 @@ def load_args(argv: list[str] | None, *, raising: bool = False) -> argparse.Name
                 why = str(exc).removeprefix(f"argument {chunk[0]}: ")
                 parser.error(f"--config {args.config}: {chunk[0][2:]}: {why}")
         args = build_parser(raising=raising).parse_args(argv + [w for chunk in chunks for w in chunk])
-    for name in ("listen", "connect"):
+    for name in ("listen", "connect") if args.command == "proxy" else ("listen",):
         if getattr(args, name) is None:
             parser.error(f"--{name} is required (on the command line or in the --config file)")
     return args
@@ -429,6 +499,19 @@ def _dest(option: str) -> str:
 
 def build_routes(args: argparse.Namespace, reuse: Routes | None = None) -> Routes:
     """The routes the options describe; OSError when a backend's name does not resolve."""
+    if args.command == "socks":
+        users = {name.encode(): password.encode() for name, password in args.user or ()}
+        return Routes(
+            [],
+            socks=SocksPolicy(users, args.allow_target or (), args.deny_target or ()),
+            allow=args.allow or (),
+            deny=args.deny or (),
+            max_per_client=args.max_conns_per_client,
+            accept_proxy=args.accept_proxy,
+            proxy_from=args.proxy_from or (),
+            head_timeout=args.head_timeout,
+            reuse=reuse,
+        )
     return Routes(
         args.connect,
         balance=args.balance,
@@ -754,6 +837,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"--connect {backend.name} is this proxy's own --listen address "
                 "(every connection would loop back into the proxy)"
             )
+    if args.command == "socks" and not args.allow_target:
+        logging.getLogger("splicepool.proxy").warning(
+            "socks: clients may connect to any address but this proxy's own (no --allow-target)")
     if args.processes > 1:
         return run_processes(args, argv)
     return run_proxy(args, argv=argv)

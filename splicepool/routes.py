@@ -43,6 +43,29 @@ def sni_name(text: str) -> str:
     return name
 
 
+#: The name of the one backend a SOCKS5 front door has: every target, counted together.
+SOCKS_TARGETS = "SOCKS targets"
+
+
+class SocksPolicy:
+    """What a SOCKS5 front door checks: ``users`` (name -> password, both ``bytes``; empty:
+    no authentication, RFC 1929 otherwise) and ``targets`` (an ``AccessList`` of the
+    networks clients may connect to; None: anywhere but the proxy's own address)."""
+
+    __slots__ = ("users", "targets")
+
+    def __init__(self, users: dict[bytes, bytes] | None = None, allow_targets: Iterable[str] = (),
+                 deny_targets: Iterable[str] = ()) -> None:
+        self.users = dict(users or {})
+        allow, deny = list(allow_targets), list(deny_targets)
+        self.targets = AccessList(allow, deny) if allow or deny else None
+
+    def describe(self) -> str:
+        auth = f"{len(self.users)} user(s)" if self.users else "no authentication"
+        where = f"targets: {self.targets.describe()}" if self.targets else "targets: anywhere"
+        return f"SOCKS5, {auth}, {where}"
+
+
 def _with_addresses(backend: Backend) -> str:
     """``localhost:8080 ([::1]:8080, 127.0.0.1:8080)``: the name, and the addresses it
     resolved to when they are not just the name itself."""
@@ -66,7 +89,7 @@ class Routes:
 
     __slots__ = ("default", "sni", "wild", "acl", "max_per_client", "accept_proxy", "proxy_from",
                  "send_proxy", "head_timeout", "health_check", "rise", "fall", "resolve_every",
-                 "backends", "routes_by_name", "reads_head", "admits")
+                 "backends", "routes_by_name", "reads_head", "admits", "socks")
 
     def __init__(
         self,
@@ -85,9 +108,14 @@ class Routes:
         rise: int = 2,
         fall: int = 3,
         resolve_every: float = 0.0,
+        socks: SocksPolicy | None = None,
         reuse: Routes | None = None,
     ) -> None:
-        if not connect:
+        if socks is not None:
+            if connect or sni or send_proxy or health_check or resolve_every:
+                raise ValueError("a SOCKS5 front door connects where each client asks: it takes no "
+                                 "connect, sni, send_proxy, health_check or resolve_every")
+        elif not connect:
             raise ValueError("no backend: give at least one HOST:PORT to connect to")
         if balance not in BALANCES:
             raise ValueError(f"balance {balance!r}: expected one of {', '.join(BALANCES)}")
@@ -128,6 +156,13 @@ class Routes:
             if format_hostport(host, port) in made:
                 raise ValueError(f"backend {format_hostport(host, port)} is given twice")
             defaults.append(backend(host, port))
+        if socks is not None:  # one backend stands for every target: its counters are theirs
+            targets = old.get(SOCKS_TARGETS)
+            if targets is None:
+                targets = Backend("socks", 1, resolve=False)
+                targets.name = SOCKS_TARGETS
+            made[SOCKS_TARGETS] = targets
+            defaults.append(targets)
         self.default = BackendSet(defaults, balance)
         by_name: dict[str, list[Backend]] = {}  # a name given again: one more backend for it
         for name, (host, port) in sni:
@@ -168,10 +203,12 @@ class Routes:
         self.routes_by_name = bool(exact) or bool(wild)
         #: Whether a connection must be read from before it is connected: a PROXY header
         #: to take off, or a ClientHello to route by.
-        self.reads_head = accept_proxy or self.routes_by_name
+        self.reads_head = accept_proxy or self.routes_by_name or socks is not None
         #: Whether a connection needs more than the default balance's order before it
         #: connects: an access list or per-client limit to check, a PROXY header to send.
         self.admits = bool(self.acl) or max_per_client > 0 or send_proxy is not None
+        #: A SOCKS5 front door's policy (users, targets), or None for a proxy to backends.
+        self.socks = socks
 
     def order(self, client_ip: str | None, server_name: str | None = None) -> list[Backend]:
         """The backends one new connection should try, in order; [] when none is up.
@@ -191,6 +228,8 @@ class Routes:
 
     def describe(self) -> str:
         """One line for the start-up and reload log lines."""
+        if self.socks is not None:
+            return self.socks.describe()
         names = [_with_addresses(b) for b in self.default.backends]
         text = ", ".join(names)
         if len(names) > 1:
@@ -218,4 +257,5 @@ class Routes:
             "send_proxy": self.send_proxy,
             "health_check": self.health_check,
             "resolve_every": self.resolve_every,
+            "socks": self.socks.describe() if self.socks is not None else "",
         }

@@ -88,6 +88,13 @@ def _plain_ip(host: str) -> str:
     return host
 
 
+def _same_secret(want: bytes | None, given: bytes) -> bool:
+    """``given == want`` in a time that does not tell how much of it matched."""
+    import hmac  # only a SOCKS5 front door with users needs it
+
+    return want is not None and hmac.compare_digest(want, given)
+
+
 def _is_local(host: str) -> bool:
     """Whether ``host`` (an IP address) is one of this machine's: can a socket bind to it?"""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -154,11 +161,19 @@ REFUSALS = {
     "head_timeout": "no complete PROXY header or ClientHello in time",
     "closed_early": "closed before it was proxied (a balancer's health check, say)",
     "not_proxied": "the pool refused it (out of fds, closing, the upstream gone)",
+    "bad_socks": "not a SOCKS5 client, or a malformed message (socks)",
+    "socks_auth": "no acceptable method, or a wrong user name or password (socks)",
+    "socks_command": "a command other than CONNECT (socks)",
+    "target_not_allowed": "a target outside --allow-target, or the proxy itself (socks)",
+    "target_unresolved": "a target name that does not resolve (socks)",
     "shutting_down": "the proxy stopped while its head was read",
 }
 
+# The SOCKS5 message a client's next bytes must be.
+_GREETING, _AUTH, _REQUEST = 1, 2, 3
+
 # What a connection is waiting for while the server holds it (before the pool takes it).
-_HEAD, _CONNECT, _PREFIX = 1, 2, 3
+_HEAD, _CONNECT, _PREFIX, _RESOLVE = 1, 2, 3, 4
 # Bytes read from a client before it is routed, at most: a PROXY header and a ClientHello
 # (sni.MAX_HELLO; proxyproto and sni load only when a head is read: a lighter proxy without).
 HEAD_MAX = PROXY_HEADER_MAX + 16384
@@ -169,7 +184,8 @@ class _Conn:
 
     __slots__ = ("id", "client", "peer", "addr", "ip", "started", "upstream", "deadline",
                  "errors", "stage", "routes", "head", "header", "order", "bi",
-                 "backend", "addrs", "ai", "prefix", "ahead", "counted", "_server")
+                 "backend", "addrs", "ai", "prefix", "ahead", "counted", "socks", "target", "err",
+                 "_server")
 
     def __init__(self, server: ProxyServer, id: int, client: socket.socket, addr: Any, started: float,
                  routes: Routes) -> None:
@@ -195,6 +211,9 @@ class _Conn:
         self.prefix: bytes | None = None  # to send upstream before splicing (PROXY header, head)
         self.ahead = 0  # bytes of the client's in the prefix: counted in up= with the relay's
         self.counted = False  # counted in the server's per-client numbers
+        self.socks = 0  # SOCKS5: the message awaited (_GREETING, _AUTH, _REQUEST), 0 otherwise
+        self.target = ""  # SOCKS5: the HOST:PORT the client asked for
+        self.err = 0  # the errno of the last failed connect (a SOCKS5 reply says it)
 
 
 
@@ -292,6 +311,9 @@ class ProxyServer:
         self._ids = 0
         self._connecting: dict[int, _Conn] = {}  # upstream fd -> connection
         self._reading: dict[int, _Conn] = {}  # client fd -> connection whose head is read
+        self._resolving: dict[int, _Conn] = {}  # SOCKS5 targets being resolved, by conn id
+        self._resolved: deque[tuple[_Conn, Any]] = deque()  # (conn, addresses or the error)
+        self._lookups: Any = None  # the threads that resolve SOCKS5 target names, made on first use
         # Connect attempts in progress, oldest first: (deadline, conn, its upstream socket then).
         # With one timeout for all, that is deadline order. An entry whose connection has
         # connected, failed or moved on to its next address is stale: dropped when at the head.
@@ -417,6 +439,10 @@ class ProxyServer:
             log.warning("%s", self._notes.popleft())
         while self._finished:
             self._log_finished(self._finished.popleft())
+        while self._resolved:
+            conn, got = self._resolved.popleft()
+            if self._resolving.pop(conn.id, None) is not None:  # else closed meanwhile
+                self._socks_resolved(conn, got)
         if self._reload_requested or self._reloads:
             self._reload_step()
         now = time.monotonic()
@@ -442,7 +468,8 @@ class ProxyServer:
 
     def _full(self) -> bool:
         return bool(self.max_conns) and (
-            self.counters.live + len(self._connecting) + len(self._reading) >= self.max_conns
+            self.counters.live + len(self._connecting) + len(self._reading) + len(self._resolving)
+            >= self.max_conns
         )
 
     def _set_accepting(self, on: bool) -> None:
@@ -567,6 +594,9 @@ class ProxyServer:
             return
         head += data
         routes = conn.routes
+        if routes.socks is not None and not (routes.accept_proxy and conn.header is None):
+            self._socks_step(conn)
+            return
         start = 0
         if routes.accept_proxy:
             header = conn.header
@@ -579,6 +609,10 @@ class ProxyServer:
                 if header is None:
                     return  # not whole yet: wait for more (HEAD_MAX bounds it)
                 self._take_header(conn, header)
+                if routes.socks is not None:  # the SOCKS5 greeting follows the header
+                    del head[: header.length]
+                    self._socks_step(conn)
+                    return
             start = header.length
         name = None
         if routes.routes_by_name:
@@ -610,26 +644,182 @@ class ProxyServer:
         conn.ip = _plain_ip(header.source[0])
         conn.peer = f"{format_addr(header.source)} via {conn.peer}"
 
+    # -- SOCKS5: the client says where it goes ----------------------------------------------
+    def _socks_step(self, conn: _Conn) -> None:
+        """Take the SOCKS5 messages the head holds (greeting, credentials, request), answer
+        each, and once the request is whole resolve and connect its target."""
+        from . import socks
+
+        head = conn.head
+        policy = conn.routes.socks
+        assert head is not None and policy is not None
+        try:
+            while True:
+                if not conn.socks:
+                    conn.socks = _GREETING
+                if conn.socks == _GREETING:
+                    greeting = socks.parse_greeting(head)
+                    if greeting is None:
+                        return
+                    del head[: greeting.length]
+                    method = socks.choose_method(greeting, password=bool(policy.users))
+                    if not self._socks_send(conn, socks.method_reply(method)):
+                        return
+                    if method == socks.NO_ACCEPTABLE:
+                        offered = ", ".join(f"0x{m:02x}" for m in greeting.methods)
+                        self._refuse(conn, "socks_auth", "refused: no acceptable SOCKS5 method "
+                                     f"(offered {offered})", logging.INFO)
+                        return
+                    conn.socks = _AUTH if method == socks.USER_PASSWORD else _REQUEST
+                elif conn.socks == _AUTH:
+                    given = socks.parse_credentials(head)
+                    if given is None:
+                        return
+                    del head[: given.length]
+                    ok = _same_secret(policy.users.get(given.user), given.password)
+                    if not self._socks_send(conn, socks.auth_reply(ok)):
+                        return
+                    user = printable(given.user.decode("utf-8", "replace"))
+                    if not ok:
+                        self._refuse(conn, "socks_auth", f"refused: wrong user name or password "
+                                     f"(user {user})", logging.INFO)
+                        return
+                    conn.peer = f"{user}@{conn.peer}"
+                    conn.socks = _REQUEST
+                else:
+                    request = socks.parse_request(head)
+                    if request is None:
+                        return
+                    del head[: request.length]
+                    self._socks_request(conn, request)
+                    return
+        except socks.SocksError as exc:
+            if exc.reply is not None:
+                self._socks_send(conn, socks.encode_reply(exc.reply))
+            self._refuse(conn, "bad_socks", f"refused: {printable(str(exc))}", logging.INFO)
+
+    def _socks_send(self, conn: _Conn, data: bytes) -> bool:
+        """Send a short SOCKS5 reply; False (and the client closed) if it cannot go at once
+        (a client that does not read a few bytes of reply is not worth a wait)."""
+        client = conn.client
+        assert client is not None
+        try:
+            sent = client.send(data, MSG_NOSIGNAL)
+        except OSError as exc:
+            sent = -1
+            why = exc.strerror or str(exc)
+        else:
+            why = "its receive buffer is full"
+        if sent == len(data):
+            return True
+        self._refuse(conn, "closed_early", f"closed: cannot send the SOCKS5 reply: {why}", logging.INFO)
+        return False
+
+    def _socks_request(self, conn: _Conn, request: Any) -> None:
+        from . import socks
+
+        if request.command != socks.CONNECT:
+            self._socks_send(conn, socks.encode_reply(socks.COMMAND_NOT_SUPPORTED))
+            self._refuse(conn, "socks_command", f"refused: SOCKS5 command {request.command} "
+                         "(only CONNECT is served)", logging.INFO)
+            return
+        head = conn.head
+        assert head is not None
+        self._end_head(conn)
+        conn.head = None
+        if head:  # the client's first bytes, sent before the reply: they go upstream first
+            conn.prefix = bytes(head)
+            conn.ahead = len(conn.prefix)
+        conn.target = format_addr((request.host, request.port))
+        if not self._client_admitted(conn):
+            return
+        if request.atyp != socks.ATYP_DOMAIN:  # an address: no lookup, no wait
+            family = socket.AF_INET6 if request.atyp == socks.ATYP_IPV6 else socket.AF_INET
+            sockaddr = (request.host, request.port) if family == socket.AF_INET else (request.host, request.port, 0, 0)
+            self._socks_connect(conn, [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr)])
+            return
+        if self._lookups is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._lookups = ThreadPoolExecutor(max_workers=4, thread_name_prefix="splicepool-resolve")
+        conn.stage = _RESOLVE
+        self._resolving[conn.id] = conn
+        future = self._lookups.submit(socket.getaddrinfo, request.host, request.port, type=socket.SOCK_STREAM)
+
+        def done(f: Any) -> None:  # a lookup thread: hand the answer to the loop
+            exc = f.exception()
+            self._resolved.append((conn, exc if exc is not None else f.result()))
+            self._wake()
+
+        future.add_done_callback(done)
+
+    def _socks_resolved(self, conn: _Conn, got: Any) -> None:
+        from . import socks
+
+        conn.stage = 0
+        if isinstance(got, BaseException):
+            why = got.strerror if isinstance(got, OSError) and got.strerror else str(got)
+            code = socks.reply_for_gaierror(got.errno) if isinstance(got, socket.gaierror) else socks.GENERAL_FAILURE
+            self._socks_send(conn, socks.encode_reply(code))
+            self._refuse(conn, "target_unresolved", f"refused: SOCKS5 target {conn.target}: {why}", logging.INFO)
+            return
+        self._socks_connect(conn, got)
+
+    def _socks_connect(self, conn: _Conn, addrs: list[Any]) -> None:
+        """Connect to the target's addresses that the policy allows, in order."""
+        from . import socks
+
+        policy = conn.routes.socks
+        assert policy is not None
+        allowed = [
+            ai for ai in addrs
+            if ai[0] in (socket.AF_INET, socket.AF_INET6)
+            and (policy.targets is None or policy.targets.permits(ai[4][0]))
+            and not loops_back(self.address, ai[4])
+        ]
+        if not allowed:
+            self._socks_send(conn, socks.encode_reply(socks.NOT_ALLOWED))
+            rule = policy.targets.describe() if policy.targets is not None else "the proxy itself"
+            self._refuse(conn, "target_not_allowed", f"refused: SOCKS5 target {conn.target} is not "
+                         f"allowed ({rule})", logging.INFO)
+            return
+        backend = conn.routes.default.backends[0]  # SOCKS targets: every target's counters
+        backend.live += 1
+        conn.order = [backend]
+        conn.bi = 0
+        conn.backend = backend
+        conn.addrs = tuple(allowed)
+        conn.ai = 0
+        self._start_connect(conn)
+
     # -- admitting, routing and connecting ---------------------------------------------
     def _admit(self, conn: _Conn, server_name: str | None = None) -> None:
         """Check the client against the access list and the per-client limit, then route it."""
-        routes = conn.routes
-        ip = conn.ip
-        if routes.acl and not routes.acl.permits(ip):
-            self._refuse_by_acl(conn)
+        if not self._client_admitted(conn):
             return
-        if routes.max_per_client:
-            n = self._per_client.get(ip, 0)
-            if n >= routes.max_per_client:
-                self._refuse(conn, "client_limit", f"refused: {ip} has {n} connections already (the limit)", logging.INFO)
-                return
-            self._per_client[ip] = n + 1
-            conn.counted = True
-        conn.order = routes.order(ip, server_name)
+        routes = conn.routes
+        conn.order = routes.order(conn.ip, server_name)
         if routes.send_proxy:
             header = self._proxy_header(conn)
             conn.prefix = header + conn.prefix if conn.prefix else header
         self._route(conn)
+
+    def _client_admitted(self, conn: _Conn) -> bool:
+        """Whether the access list and the per-client limit let ``conn`` in (counted then);
+        refused otherwise."""
+        routes = conn.routes
+        ip = conn.ip
+        if routes.acl and not routes.acl.permits(ip):
+            self._refuse_by_acl(conn)
+            return False
+        if routes.max_per_client:
+            n = self._per_client.get(ip, 0)
+            if n >= routes.max_per_client:
+                self._refuse(conn, "client_limit", f"refused: {ip} has {n} connections already (the limit)", logging.INFO)
+                return False
+            self._per_client[ip] = n + 1
+            conn.counted = True
+        return True
 
     def _refuse_by_acl(self, conn: _Conn) -> None:
         acl = conn.routes.acl
@@ -731,6 +921,7 @@ class ProxyServer:
 
     def _note_failure(self, conn: _Conn, exc: OSError) -> None:
         """Record that the current address failed; move ``conn`` on to the next one."""
+        conn.err = exc.errno or 0
         addrs = conn.addrs
         addr = format_addr(addrs[conn.ai][4])
         reason = exc.strerror or str(exc)
@@ -776,10 +967,30 @@ class ProxyServer:
         self._connect_done(conn)
 
     def _connect_done(self, conn: _Conn) -> None:
+        if conn.socks and not self._socks_succeeded(conn):
+            return
         if conn.prefix is None:
             self._hand_over(conn)
         else:
             self._send_prefix(conn)
+
+    def _socks_succeeded(self, conn: _Conn) -> bool:
+        """Tell a SOCKS5 client its target is connected (with the address the proxy connected
+        from, as RFC 1928 asks); False, all closed, if the reply cannot go."""
+        from . import socks
+
+        up = conn.upstream
+        assert up is not None
+        conn.socks = 0  # answered: a failure from here on is not the target's
+        if self._socks_send(conn, socks.encode_reply(socks.SUCCEEDED, up.getsockname())):
+            return True
+        up.close()
+        conn.upstream = None
+        backend = conn.backend
+        if backend is not None:
+            backend.live -= 1
+            conn.backend = None
+        return False
 
     def _send_prefix(self, conn: _Conn) -> None:
         """Send the PROXY header and the bytes read from the client, before any other byte."""
@@ -833,6 +1044,13 @@ class ProxyServer:
         """Every backend failed (or the server stops): close the client, count, log."""
         conn.deadline = 0.0
         conn.stage = 0
+        if conn.socks:  # the SOCKS5 reply says why, as RFC 1928 codes it
+            from . import socks
+
+            try:
+                conn.client.send(socks.encode_reply(socks.reply_for_errno(conn.err)), MSG_NOSIGNAL)  # type: ignore[union-attr]
+            except OSError:
+                pass
         if conn.counted:
             conn.counted = False
             self._uncount(conn.ip)
@@ -845,7 +1063,7 @@ class ProxyServer:
             "conn %d %s -> %s: upstream connect failed: %s; client closed",
             conn.id,
             conn.peer,
-            ", ".join(b.name for b in conn.order) or "-",
+            conn.target or ", ".join(b.name for b in conn.order) or "-",
             "; ".join(conn.errors or ()),
         )
 
@@ -1008,10 +1226,16 @@ class ProxyServer:
             self._refuse(conn, "shutting_down", "closed unproxied: the proxy is stopping", logging.INFO)
         for conn in list(self._connecting.values()):
             self._cancel(conn)
+        for conn in list(self._resolving.values()):  # a SOCKS5 target name being looked up
+            del self._resolving[conn.id]
+            self._refuse(conn, "shutting_down", "closed unproxied: the proxy is stopping", logging.INFO)
 
     def _shutdown(self) -> None:
         self._stop_upkeep()
         self._drop_pending()
+        if self._lookups is not None:  # a lookup in progress ends on its own; nobody waits
+            self._lookups.shutdown(wait=False, cancel_futures=True)
+            self._lookups = None
         self.pool.close(grace=1.0)
         while self._finished:
             self._log_finished(self._finished.popleft())

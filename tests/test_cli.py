@@ -159,6 +159,7 @@ class ProxyProc:
         stats_port: int | None,
         nofile: int | None = None,
         wrap: list[str] | None = None,
+        command: str = "proxy",
     ) -> None:
         self.args = args
         self.port = port
@@ -166,7 +167,7 @@ class ProxyProc:
         self.log_path = log_path
         self._log_file = open(log_path, "ab")  # closed in kill()
         self.proc = subprocess.Popen(
-            [*(wrap or []), sys.executable, "-m", "splicepool", "proxy", *args],
+            [*(wrap or []), sys.executable, "-m", "splicepool", command, *args],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
@@ -723,10 +724,10 @@ def test_stats_and_metrics_count_finished_connections(upstreams, start_proxy):
 
 
 # -- 10. arguments, --help, IPv6 ------------------------------------------------------------------------
-def run_cli(*args: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 10.0, command: str = "proxy") -> subprocess.CompletedProcess:
     """Run the CLI to completion; one still running after ``timeout`` is killed (returncode None)."""
     with subprocess.Popen(
-        [sys.executable, "-m", "splicepool", "proxy", *args],
+        [sys.executable, "-m", "splicepool", command, *args],
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -875,7 +876,8 @@ def test_the_proxy_process_loads_no_heavy_module_it_does_not_use():
     code = (
         "import sys, splicepool.__main__\n"
         "print(sorted(m for m in ('http.server', 'json', 'ssl', 'email', 'typing', 'dataclasses',"
-        " 'hashlib', 'tomllib', 'splicepool._stats', 'splicepool.proxyproto', 'splicepool.sni')"
+        " 'hashlib', 'tomllib', 'hmac', 'concurrent.futures', 'splicepool._stats', 'splicepool.proxyproto',"
+        " 'splicepool.sni', 'splicepool.socks')"
         " if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
