@@ -270,3 +270,22 @@ def test_sighup_reloads_users_and_targets_from_the_config_file(start_socks, upst
     assert reply == bytes([5, socks.NOT_ALLOWED])
     sock.close()
     assert proxy.wait_stats(refused=2)["refusals"] == {"socks_auth": 1, "target_not_allowed": 1}
+
+
+def test_behind_a_balancer_the_proxy_header_comes_first_and_names_the_client(start_socks, upstreams):
+    """--accept-proxy: a PROXY header, then the SOCKS5 greeting and request in the same
+    write; the header is taken off, the log names the client it carries, bytes are exact."""
+    up = upstreams()
+    proxy = start_socks("--accept-proxy", "--proxy-from", "127.0.0.1/32")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 4000 1080\r\n" + socks.encode_greeting([socks.NO_AUTH])
+                     + socks.encode_request(socks.CONNECT, "127.0.0.1", up.port))
+        assert recv_exact(sock, 2) == b"\x05\x00"
+        assert read_reply(sock) == b"\x05\x00"
+        sock.sendall(b"ping")
+        assert recv_exact(sock, 4) == b"ping"
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock) == b""
+    line = wait_until(lambda: proxy.conn_lines(), 5, "the log line")[0]
+    assert line["peer"].startswith("203.0.113.9:4000 via 127.0.0.1:"), line
+    assert (line["up"], line["down"], line["upstream"]) == ("4", "4", up.addr)
