@@ -499,35 +499,28 @@ def _dest(option: str) -> str:
 
 def build_routes(args: argparse.Namespace, reuse: Routes | None = None) -> Routes:
     """The routes the options describe; OSError when a backend's name does not resolve."""
+    clients = {  # who may connect, and how: the same for every front door
+        "allow": args.allow or (),
+        "deny": args.deny or (),
+        "max_per_client": args.max_conns_per_client,
+        "accept_proxy": args.accept_proxy,
+        "proxy_from": args.proxy_from or (),
+        "head_timeout": args.head_timeout,
+        "reuse": reuse,
+    }
     if args.command == "socks":
         users = {name.encode(): password.encode() for name, password in args.user or ()}
-        return Routes(
-            [],
-            socks=SocksPolicy(users, args.allow_target or (), args.deny_target or ()),
-            allow=args.allow or (),
-            deny=args.deny or (),
-            max_per_client=args.max_conns_per_client,
-            accept_proxy=args.accept_proxy,
-            proxy_from=args.proxy_from or (),
-            head_timeout=args.head_timeout,
-            reuse=reuse,
-        )
+        return Routes([], socks=SocksPolicy(users, args.allow_target or (), args.deny_target or ()), **clients)
     return Routes(
         args.connect,
         balance=args.balance,
         sni=args.sni or (),
-        allow=args.allow or (),
-        deny=args.deny or (),
-        max_per_client=args.max_conns_per_client,
-        accept_proxy=args.accept_proxy,
-        proxy_from=args.proxy_from or (),
         send_proxy=args.send_proxy,
-        head_timeout=args.head_timeout,
         health_check=args.health_check,
         rise=args.rise,
         fall=args.fall,
         resolve_every=args.resolve_every,
-        reuse=reuse,
+        **clients,
     )
 
 
