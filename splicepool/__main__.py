@@ -223,15 +223,15 @@ def _sni_route(text: str) -> tuple[str, tuple[str, int]]:
     return name, _connect_addr(target)
 
 
-def _cidr(which: str) -> Any:
-    """A parser of one --allow or --deny entry (``which``: "allow" or "deny", the list an
-    error names)."""
+def _cidr(which: str, kind: str = "allow") -> Any:
+    """A parser of one network entry: checked as an AccessList's ``kind`` ("allow" or
+    "deny") entry, its error naming it ``which`` ("allow", "target", ...)."""
 
     def parse(text: str) -> str:
         try:
-            AccessList(**{which: [text]})
+            AccessList(**{kind: [text]})
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+            raise argparse.ArgumentTypeError(str(exc).replace(f"{kind} entry", f"{which} entry", 1)) from None
         return text
 
     return parse
@@ -330,10 +330,10 @@ def build_parser(*, defaults: bool = True, raising: bool = False) -> argparse.Ar
     s.add_argument("--user", action="append", type=_user, default=d(None), metavar="NAME:PASSWORD",
                    help="a user who may connect (repeatable; RFC 1929); with none, no "
                    "authentication (prefer a --config file: a command line is visible to ps)")
-    s.add_argument("--allow-target", action="append", type=_cidr("allow"), default=d(None),
+    s.add_argument("--allow-target", action="append", type=_cidr("target"), default=d(None),
                    metavar="CIDR", help="clients may connect only to these networks "
                    "(repeatable; default: anywhere, said in a warning line)")
-    s.add_argument("--deny-target", action="append", type=_cidr("deny"), default=d(None),
+    s.add_argument("--deny-target", action="append", type=_cidr("target", "deny"), default=d(None),
                    metavar="CIDR", help="clients may not connect to these networks (repeatable; "
                    "wins over --allow-target)")
     _add_accept_proxy(s, d)
@@ -351,7 +351,7 @@ def _add_accept_proxy(p: argparse.ArgumentParser, d: Any) -> None:
     p.add_argument("--accept-proxy", action="store_true", default=d(False),
                    help="clients speak the PROXY protocol (v1 or v2): read the header first, and "
                    "log, check and balance by the address it carries")
-    p.add_argument("--proxy-from", action="append", type=_cidr("allow"), default=d(None), metavar="CIDR",
+    p.add_argument("--proxy-from", action="append", type=_cidr("--proxy-from"), default=d(None), metavar="CIDR",
                    help="with --accept-proxy: only peers in these networks may send a PROXY "
                    "header (repeatable; the load balancers' addresses); others are closed "
                    "unread (default: any peer)")
@@ -367,7 +367,7 @@ def _add_common(p: argparse.ArgumentParser, d: Any) -> None:
                    f"(default: {HEAD_TIMEOUT:g})")
     p.add_argument("--allow", action="append", type=_cidr("allow"), default=d(None), metavar="CIDR",
                    help="only clients in these networks may connect (repeatable; IPv4 and IPv6)")
-    p.add_argument("--deny", action="append", type=_cidr("deny"), default=d(None), metavar="CIDR",
+    p.add_argument("--deny", action="append", type=_cidr("deny", "deny"), default=d(None), metavar="CIDR",
                    help="clients in these networks may not connect (repeatable; wins over --allow)")
     p.add_argument("--max-conns-per-client", type=_count(0), default=d(0), metavar="N",
                    help="at most N live connections per client address; more are closed at once "
