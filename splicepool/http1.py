@@ -180,13 +180,14 @@ REASONS = {
 _TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _HEAD_END = re.compile(rb"\n\r?\n")
-# A header line as h11 reads it (field-vchar includes obs-text), and an obs-fold line.
+# A header line as h11 reads it: a field-vchar is any byte but NUL and whitespace (h11 keeps
+# the other control bytes, as RFC 9110 5.5 allows), and an obs-fold line.
+_VCHAR = rb"[^\x00\t\n\x0b\x0c\r ]"
 _FIELD_LINE = re.compile(
-    rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[ \t]*"
-    rb"(?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?[ \t]*"
+    rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[ \t]*(?:" + _VCHAR + rb"+(?:[ \t]+" + _VCHAR + rb"+)*)?[ \t]*"
 )
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*")
-_FOLD_LINE = re.compile(rb"[ \t]+(?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?[ \t]*")
+_FOLD_LINE = re.compile(rb"[ \t]+(?:" + _VCHAR + rb"+(?:[ \t]+" + _VCHAR + rb"+)*)?[ \t]*")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _MAX_HEX_DIGITS = 16
 # After a chunk size: chunk extensions (RFC 9112 7.1.1), then CRLF.
@@ -440,7 +441,7 @@ def _check_first_line(line: bytes, pos: int, request_method: str | None, whole: 
             400, f"{what}: byte {_show(reason[:1])} at offset {pos + 12} should be a space"
         )
     for i, byte in enumerate(reason[1:]):
-        if byte < 0x20 and byte != 0x09 or byte == 0x7F:
+        if byte in (0x00, 0x0B, 0x0C):  # as h11: any byte but NUL, CR, LF, VT and FF
             raise HttpError(
                 400,
                 f"{what}: byte {_show(bytes([byte]))} at offset {pos + 13 + i} cannot be in "
@@ -680,19 +681,19 @@ def parse_chunk_line(data: bytes | bytearray | memoryview, *, max_line: int = 40
 
 def _check_chunk_ext(buf: bytes, start: int, stop: int, *, complete: bool) -> None:
     ext = buf[start:stop]
-    if complete:
-        if not _CHUNK_EXT.fullmatch(ext):
-            raise HttpError(
-                400, f"chunk-size line has bad chunk extensions {_show(ext)} at offset {start}"
-            )
-        return
-    # Unfinished: the first byte after the digits must begin extensions or the end.
+    # The first byte after the digits must begin extensions or the end.
     if ext[:1] not in (b"", b";", b" ", b"\t"):
         raise HttpError(
             400,
             f"chunk size: byte {_show(ext[:1])} at offset {start} is not a hex digit, "
             "';' or CRLF",
         )
+    if complete:
+        if not _CHUNK_EXT.fullmatch(ext):
+            raise HttpError(
+                400, f"chunk-size line has bad chunk extensions {_show(ext)} at offset {start}"
+            )
+        return
     for i, byte in enumerate(ext):
         if byte < 0x20 and byte != 0x09 or byte == 0x7F:
             raise HttpError(
