@@ -263,8 +263,10 @@ def parse_response_head(
     """The response head at the start of ``data`` answering a ``request_method`` request
     (an interim 1xx head too: parse again after it for the next); None while incomplete;
     HttpError as for ``parse_request_head``."""
-    if not isinstance(request_method, str) or not _TOKEN.fullmatch(
-        request_method.encode("ascii", "replace")
+    if (
+        not isinstance(request_method, str)
+        or not request_method.isascii()
+        or not _TOKEN.fullmatch(request_method.encode("ascii"))
     ):
         raise ValueError(f"request_method must be a method name (a token), not {request_method!r}")
     found = _find_head(data, max_size, request_method)
@@ -322,10 +324,8 @@ def _check_lines(
         whole = lf != -1
         stop = lf if whole else end
         line = buf[pos:stop]
-        if whole and line.endswith(b"\r"):
-            line = line[:-1]
-        elif not whole and line.endswith(b"\r"):
-            line = line[:-1]  # its LF may be next
+        if line.endswith(b"\r"):
+            line = line[:-1]  # the line's CR (when it is not complete: its LF may be next)
         if b"\r" in line:
             bad = pos + line.index(b"\r")
             raise HttpError(400, f"bare CR at offset {bad}: a line must end with CRLF")
