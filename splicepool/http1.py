@@ -630,7 +630,7 @@ def upgrade_to(request_head: RequestHead) -> bytes | None:
     request's Upgrade is ignored)."""
     if request_head.version != "1.1" or b"upgrade" not in _tokens(request_head, b"connection"):
         return None
-    values = _values(request_head, b"upgrade")
+    values = [v for v in _values(request_head, b"upgrade") if v.strip()]  # an empty one names nothing
     return b", ".join(values) if values else None
 
 
