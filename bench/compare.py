@@ -660,23 +660,24 @@ def machine() -> dict:
         "nofile_limit": raise_nofile_limit(),
         "haproxy": command_version(["haproxy", "-v"]),
         "socat": command_version(["socat", "-V"]),
+        "go": command_version(["go", "version"]),
         "iperf3": command_version(["iperf3", "--version"]),
     }
 
 
 def install_peers() -> None:
     if os.geteuid() != 0:
-        print("--install-peers: not root, not installing (run: apt-get install haproxy socat iperf3)")
+        print("--install-peers: not root, not installing (run: apt-get install haproxy socat iperf3 golang-go)")
         return
     if not shutil.which("apt-get"):
-        print("--install-peers: no apt-get here; install haproxy, socat and iperf3 yourself")
+        print("--install-peers: no apt-get here; install haproxy, socat, iperf3 and golang-go yourself")
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    argv = ["apt-get", "install", "-y", "-q", "haproxy", "socat", "iperf3"]
+    argv = ["apt-get", "install", "-y", "-q", "haproxy", "socat", "iperf3", "golang-go"]
     for attempt in (argv, ["apt-get", "update", "-q"], argv):
         done = subprocess.run(attempt, env=env, capture_output=True, text=True, timeout=900)
         if done.returncode == 0 and attempt is argv:
-            print("--install-peers: haproxy, socat and iperf3 installed")
+            print("--install-peers: haproxy, socat, iperf3 and golang-go installed")
             return
     print(f"--install-peers: apt-get failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
 

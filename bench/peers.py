@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 HOST = "127.0.0.1"
-KINDS = ("direct", "splicepool", "thread", "asyncio", "haproxy", "haproxy-splice", "socat")
+KINDS = ("direct", "splicepool", "thread", "asyncio", "haproxy", "haproxy-splice", "go", "socat")
+GO_RELAY = os.path.join(HERE, "relay_go", "relay")  # built from relay_go/main.go on first use
 HAPROXY_MAXPIPES = 256  # pipes haproxy may keep for splicing; the bulk runs need at most 8
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
@@ -218,6 +219,22 @@ def wait_single(pid: int, timeout: float = 10.0) -> None:
 # --- peers -------------------------------------------------------------------
 
 
+def build_go_relay() -> str | None:
+    """Build bench/relay_go/relay from main.go when it is missing or older; None when it is
+    there, else why it cannot be."""
+    source = os.path.join(HERE, "relay_go", "main.go")
+    if os.path.exists(GO_RELAY) and os.path.getmtime(GO_RELAY) >= os.path.getmtime(source):
+        return None
+    if not shutil.which("go"):
+        return "not installed (apt-get install golang-go)"
+    env = dict(os.environ, GOCACHE=os.environ.get("GOCACHE", "/tmp/splicepool-gocache"), GO111MODULE="off")
+    done = subprocess.run(["go", "build", "-o", GO_RELAY, source], env=env, capture_output=True, text=True,
+                          timeout=300)
+    if done.returncode != 0:
+        return f"go build failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+    return None
+
+
 @dataclass
 class Peer:
     """One column of the report: a relay kind, and for splicepool its CLI arguments."""
@@ -228,7 +245,9 @@ class Peer:
     root: str = ROOT  # the checkout whose splicepool runs (another one: a before/after column)
 
     def missing(self) -> str | None:
-        """Why this peer cannot run here, or None."""
+        """Why this peer cannot run here, or None (the Go relay is built here if need be)."""
+        if self.kind == "go":
+            return build_go_relay()
         binary = {"haproxy": "haproxy", "haproxy-splice": "haproxy", "socat": "socat"}.get(self.kind)
         if binary and not shutil.which(binary):
             return f"not installed (apt-get install {binary})"
@@ -245,6 +264,8 @@ class Peer:
                     "--listen", listen, "--connect", connect]
         if self.kind.startswith("haproxy"):
             return ["haproxy", "-db", "-f", cfg]
+        if self.kind == "go":
+            return [GO_RELAY, "-listen", listen, "-connect", connect]
         if self.kind == "socat":
             return ["socat", f"TCP-LISTEN:{port},fork,reuseaddr,bind={HOST},backlog=1024,nodelay",
                     f"TCP:{connect},nodelay"]
