@@ -77,7 +77,7 @@ from peers import (
     wait_single,
 )
 
-WORKLOADS = ("bulk1", "bulk4", "latency", "conns", "idle")
+WORKLOADS = ("bulk1", "bulk4", "latency", "conns", "rate", "idle")
 MiB = 1 << 20
 GiB = 1 << 30
 IDLE_BATCH = 250  # idle connections opened at once, before waiting for the relay to catch up
@@ -96,6 +96,7 @@ class Settings:
     conns: int
     conns_concurrency: int
     conns_size: int
+    rate_seconds: float
     idle_conns: int
     pin_latency: bool
     workdir: str = ""
@@ -260,6 +261,17 @@ def run_conns(peer: Peer, s: Settings) -> dict:
     return {"wall_s": out["seconds"], "errors": out["errors"], "error_kinds": out["error_kinds"]}
 
 
+def run_rate(peer: Peer, s: Settings) -> dict:
+    """Connections per second, sustained: 50 clients each opening a connection, echoing
+    4 KiB through it and closing it, again and again for ``s.rate_seconds``."""
+    with upstream_server("echo", s) as (_, up), peer.start(up, s.workdir) as relay:
+        out = run_json([sys.executable, LOADGEN, "conns", "--port", str(relay.port),
+                        "--count", str(10**9), "--seconds", str(s.rate_seconds),
+                        "--concurrency", str(s.conns_concurrency), "--size", "4096"],
+                       timeout=s.rate_seconds + 120)
+    return {"per_s": out["per_second"], "errors": out["errors"], "error_kinds": out["error_kinds"]}
+
+
 def hold(clients: Child, server: Child, count: int) -> None:
     """Open ``count`` more idle connections, a batch at a time, each batch until the upstream
     has accepted it (so the relay's listen backlog never overflows)."""
@@ -332,6 +344,8 @@ def run_workload(workload: str, peer: Peer, s: Settings) -> dict:
         return run_latency(peer, s)
     if workload == "conns":
         return run_conns(peer, s)
+    if workload == "rate":
+        return run_rate(peer, s)
     return run_idle(peer, s)
 
 
@@ -353,6 +367,8 @@ def summary(workload: str, v: dict) -> str:
         return f"p50 {v['p50_us']:.0f} µs, p99 {v['p99_us']:.0f} µs"
     if workload == "conns":
         return f"{v['wall_s']:.2f} s, {v['errors']} errors"
+    if workload == "rate":
+        return f"{v['per_s']:.0f} conns/s, {v['errors']} errors"
     return (f"{v['memory']} {v['mem_base_mib']:.1f} → {v['mem_mib']:.1f} MiB "
             f"({v['mem_kib_per_conn']:.1f} KiB/conn), "
             f"{v['fds_per_conn']:.2f} fds/conn, {v['fds_left']} fds left after close")
@@ -392,6 +408,9 @@ def metrics(s: Settings) -> list[Metric]:
         Metric("conns", "wall_s", f"{s.conns} conns × {s.conns_size >> 10} KiB echo: wall s", "{:.2f}",
                "lower", True),
         Metric("conns", "errors", f"{s.conns} conns: errors (all reps)", "{:.0f}"),
+        Metric("rate", "per_s", f"sustained, 50 clients × 4 KiB for {s.rate_seconds:g} s: conns/s", "{:.0f}",
+               "higher", True),
+        Metric("rate", "errors", "sustained: errors (all reps)", "{:.0f}"),
         Metric("idle", "mem_base_mib", "idle: RSS before: MiB", "{:.1f}"),
         Metric("idle", "mem_mib", f"idle: RSS with {s.idle_conns} conns: MiB", "{:.1f}", "lower"),
         Metric("idle", "mem_kib_per_conn", "idle: RSS per conn over before: KiB", "{:.2f}", "lower"),
@@ -599,6 +618,9 @@ def notes(peers: list[Peer], s: Settings, runs: list[dict]) -> list[str]:
         + "added = minus direct's in the same rep, then the median",
         f"conns: {s.conns_concurrency} in flight, each sends {s.conns_size} distinct bytes and must get "
         "exactly them back within 10 s; the echo server closes after the client's EOF",
+        f"sustained: {s.conns_concurrency} clients, each opening a connection, sending 4096 distinct "
+        f"bytes, checking the echo and closing, again and again for {s.rate_seconds:g} s; conns/s = "
+        "exchanges finished ÷ wall time",
         f"idle: RSS = VmRSS, 1 s after the upstream has accepted all {s.idle_conns}; \"before\" and "
         f"the per-conn figures' baseline are taken after {IDLE_WARMUP} connections have come and gone "
         "(so what a relay starts lazily is not counted per connection); fds left = open fds over "
@@ -733,6 +755,7 @@ def settings(args: argparse.Namespace, workdir: str) -> Settings:
         conns=args.conns or (200 if quick else 1000),
         conns_concurrency=50,
         conns_size=64 * 1024,
+        rate_seconds=2.0 if quick else 10.0,
         idle_conns=args.idle_conns or (1000 if quick else 9000),
         pin_latency=not args.no_pin,
         workdir=workdir,

@@ -278,8 +278,11 @@ class _Exchange:
         self.sock.connect_ex((HOST, port))
 
 
-def conns(port: int, count: int, concurrency: int, size: int, timeout: float) -> None:
+def conns(port: int, count: int, concurrency: int, size: int, timeout: float,
+          seconds: float | None = None) -> None:
     """``count`` echo exchanges of ``size`` bytes, ``concurrency`` in flight; wall time, errors.
+    With ``seconds``: as many as finish in that time instead (no new one starts after it),
+    and ``done`` and ``per_second`` (exchanges finished per second) in the report.
 
     An error is any exchange that fails to connect, is reset, gets fewer or
     other bytes than it sent, or takes longer than ``timeout`` seconds.
@@ -302,7 +305,7 @@ def conns(port: int, count: int, concurrency: int, size: int, timeout: float) ->
         selector.unregister(ex.sock)
         ex.sock.close()
         done += 1
-        if started < count:
+        if started < count and (until is None or time.monotonic() < until):
             begin()
 
     def step(ex: _Exchange, events: int) -> str | None:
@@ -326,9 +329,10 @@ def conns(port: int, count: int, concurrency: int, size: int, timeout: float) ->
         return None
 
     start = time.perf_counter()
+    until = None if seconds is None else time.monotonic() + seconds
     for _ in range(min(concurrency, count)):
         begin()
-    while done < count:
+    while done < started:
         for key, events in selector.select(timeout=0.2):
             ex = key.data
             try:
@@ -344,7 +348,8 @@ def conns(port: int, count: int, concurrency: int, size: int, timeout: float) ->
             if key.data.deadline < now:
                 finish(key.data, "timeout")
     elapsed = time.perf_counter() - start
-    report({"seconds": elapsed, "errors": sum(errors.values()), "error_kinds": dict(errors)})
+    report({"seconds": elapsed, "errors": sum(errors.values()), "error_kinds": dict(errors),
+            "done": done, "per_second": done / elapsed})
 
 
 def idle(port: int) -> None:
@@ -413,6 +418,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=50)
     p.add_argument("--size", type=int, default=64 * 1024)
     p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--seconds", type=float, default=None)
     p = roles.add_parser("idle")
     p.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
@@ -424,7 +430,7 @@ def main() -> None:
     elif args.role == "latency":
         latency(args.port, args.warmup, args.count)
     elif args.role == "conns":
-        conns(args.port, args.count, args.concurrency, args.size, args.timeout)
+        conns(args.port, args.count, args.concurrency, args.size, args.timeout, args.seconds)
     else:
         idle(args.port)
 
