@@ -441,6 +441,22 @@ def goals(s: Settings) -> list[Goal]:
         Goal(f"{s.conns}-conn errors, all reps", "conns.errors", None, "=", 0, "{:.0f}"),
         Goal(f"RSS with {s.idle_conns} idle conns ÷ haproxy", "idle.mem_mib", "haproxy", "<=", 0.75),
         Goal("fds per idle conn", "idle.fds_per_conn", None, "=", 2),
+        # the real anchors: HAProxy forced to splice with 1 MiB pipes, and the Go relay
+        Goal(f"{s.conns}-conn wall time ÷ go", "conns.wall_s", "go", "<=", 1.0),
+        Goal(f"{s.conns}-conn wall time ÷ haproxy-splice", "conns.wall_s", "haproxy-splice", "<=", 1.3),
+        Goal("sustained conns/s ÷ go", "rate.per_s", "go", ">=", 1.0),
+        Goal("sustained errors, all reps", "rate.errors", None, "=", 0, "{:.0f}"),
+        Goal("CPU per GiB (1 stream) ÷ haproxy-splice", "bulk1.cpu_s_per_gib", "haproxy-splice", "<=", 0.9),
+        Goal("CPU per GiB (4 streams) ÷ haproxy-splice", "bulk4.cpu_s_per_gib", "haproxy-splice", "<=", 0.9),
+        Goal("bulk 1 stream ÷ haproxy-splice", "bulk1.mib_s", "haproxy-splice", ">=", 1.0),
+        Goal("bulk 4 streams ÷ haproxy-splice", "bulk4.mib_s", "haproxy-splice", ">=", 1.0),
+        Goal("bulk 1 stream ÷ go", "bulk1.mib_s", "go", ">=", 1.2),
+        Goal("bulk 4 streams ÷ go", "bulk4.mib_s", "go", ">=", 1.2),
+        Goal("added p50 latency ÷ haproxy-splice's", "latency.added_p50_us", "haproxy-splice", "<=", 1.0),
+        Goal("added p99 latency ÷ haproxy-splice's", "latency.added_p99_us", "haproxy-splice", "<=", 1.0),
+        Goal("added p50 latency ÷ go's", "latency.added_p50_us", "go", "<=", 1.0),
+        Goal("added p99 latency ÷ go's", "latency.added_p99_us", "go", "<=", 1.0),
+        Goal(f"RSS with {s.idle_conns} idle conns ÷ haproxy-splice", "idle.mem_mib", "haproxy-splice", "<=", 0.55),
     ]
 
 
