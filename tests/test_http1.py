@@ -595,9 +595,21 @@ def request_heads(draw):
     return text + eol, method, target, version, fields
 
 
-def forwarded(fields):
-    conn = {t.strip().lower() for n, v in fields if n.lower() == b"connection" for t in v.split(b",")}
-    drop = (set(http1.HOP_BY_HOP) | conn) - {b"host", b"content-length", b"transfer-encoding"}
+def connection_tokens(fields):
+    return {t.strip().lower() for n, v in fields if n.lower() == b"connection" for t in v.split(b",")}
+
+
+def upgrades(fields, version):
+    """Whether the proxy passes this request on as an upgrade: HTTP/1.1, Connection names
+    upgrade, and an Upgrade field says to what."""
+    return (version == "1.1" and b"upgrade" in connection_tokens(fields)
+            and any(n.lower() == b"upgrade" and v.strip() for n, v in fields))
+
+
+def forwarded(fields, version):
+    drop = (set(http1.HOP_BY_HOP) | connection_tokens(fields)) - {b"host", b"content-length", b"transfer-encoding"}
+    if upgrades(fields, version):
+        drop.discard(b"upgrade")
     return [(n.lower(), v) for n, v in fields if n.lower() not in drop]
 
 
@@ -615,9 +627,11 @@ def test_round_trip_through_proxy_request_head(drawn, client_ip):
     assert again.length == len(out)
     assert (again.method, again.target, again.version) == (method, target, "1.1")
     node = f'"[{client_ip}]"' if ":" in client_ip else client_ip
-    expected = forwarded(fields)
+    expected = forwarded(fields, version)
     if not any(n == b"host" for n, _ in expected):
         expected.insert(0, (b"host", b"dflt"))
+    if upgrades(fields, version):
+        expected.append((b"connection", b"upgrade"))
     expected += [
         (b"x-forwarded-for", client_ip.encode()),
         (b"forwarded", f"for={node};proto=http".encode()),
