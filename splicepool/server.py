@@ -216,7 +216,6 @@ class _Conn:
         self.err = 0  # the errno of the last failed connect (a SOCKS5 reply says it)
 
 
-
 class _Live:
     """A proxied connection, from hand-over until it is logged: what the log line, the
     counters and /stats need, and nothing of how it was routed (its ``_Conn`` is dropped at
@@ -441,7 +440,9 @@ class ProxyServer:
             self._log_finished(self._finished.popleft())
         while self._resolved:
             conn, got = self._resolved.popleft()
-            if self._resolving.pop(conn.id, None) is not None:  # else closed meanwhile
+            if conn.stage == _RESOLVE:  # else closed meanwhile
+                del self._resolving[conn.id]
+                conn.stage = 0
                 self._socks_resolved(conn, got)
         if self._reload_requested or self._reloads:
             self._reload_step()
@@ -460,7 +461,11 @@ class ProxyServer:
         while heads and heads[0][0] <= now:
             conn = heapq.heappop(heads)[2]
             if conn.stage == _HEAD:
-                what = "PROXY header" if conn.routes.accept_proxy and conn.header is None else "ClientHello"
+                routes = conn.routes
+                if routes.accept_proxy and conn.header is None:
+                    what = "PROXY header"
+                else:
+                    what = "SOCKS5 request" if routes.socks is not None else "ClientHello"
                 self._refuse(conn, "head_timeout", f"refused: no complete {what} within {conn.routes.head_timeout:g} s")
         if self._paused_until and now >= self._paused_until:
             self._paused_until = 0.0
@@ -526,18 +531,32 @@ class ProxyServer:
         """Close a client that will not be proxied; count it under ``why`` (a REFUSALS key)."""
         if conn.stage == _HEAD:
             self._end_head(conn)
-        if conn.counted:
-            conn.counted = False
-            self._uncount(conn.ip)
+        elif conn.stage == _RESOLVE:
+            del self._resolving[conn.id]
         conn.stage = 0
-        client = conn.client
-        if client is not None:
-            conn.client = None
-            client.close()
+        self._release_client(conn)
         c = self.counters
         c.refused += 1
         c.refusals[why] = c.refusals.get(why, 0) + 1
         log.log(level, "conn %d %s: %s", conn.id, conn.peer, detail)
+
+    def _release_client(self, conn: _Conn) -> None:
+        """Close the client of a connection that ends before hand-over, and take it out of
+        the per-client numbers."""
+        if conn.counted:
+            conn.counted = False
+            self._uncount(conn.ip)
+        client = conn.client
+        if client is not None:
+            conn.client = None
+            client.close()
+
+    def _release_backend(self, conn: _Conn) -> None:
+        """The backend being tried gets its live count back (no failure counted)."""
+        backend = conn.backend
+        if backend is not None:
+            backend.live -= 1
+            conn.backend = None
 
     def _uncount(self, ip: str) -> None:
         """One connection less for ``ip`` in the per-client numbers."""
@@ -695,33 +714,44 @@ class ProxyServer:
                     return
         except socks.SocksError as exc:
             if exc.reply is not None:
-                self._socks_send(conn, socks.encode_reply(exc.reply))
+                self._socks_reply(conn, socks.encode_reply(exc.reply))
             self._refuse(conn, "bad_socks", f"refused: {printable(str(exc))}", logging.INFO)
 
-    def _socks_send(self, conn: _Conn, data: bytes) -> bool:
-        """Send a short SOCKS5 reply; False (and the client closed) if it cannot go at once
-        (a client that does not read a few bytes of reply is not worth a wait)."""
+    @staticmethod
+    def _socks_reply(conn: _Conn, data: bytes) -> str | None:
+        """Send a short SOCKS5 message at once: None when it went, else why not (a client
+        that does not read a few bytes of reply is not worth a wait)."""
         client = conn.client
         assert client is not None
         try:
             sent = client.send(data, MSG_NOSIGNAL)
         except OSError as exc:
-            sent = -1
-            why = exc.strerror or str(exc)
-        else:
-            why = "its receive buffer is full"
-        if sent == len(data):
+            return exc.strerror or str(exc)
+        return None if sent == len(data) else "its receive buffer is full"
+
+    def _socks_send(self, conn: _Conn, data: bytes) -> bool:
+        """Send a SOCKS5 message the negotiation goes on after; False, the client closed, if
+        it cannot go at once."""
+        why = self._socks_reply(conn, data)
+        if why is None:
             return True
         self._refuse(conn, "closed_early", f"closed: cannot send the SOCKS5 reply: {why}", logging.INFO)
         return False
+
+    def _socks_fail(self, conn: _Conn, code: int, why: str, detail: str) -> None:
+        """Answer a SOCKS5 request with ``code`` (as far as the client takes it) and refuse
+        the client under ``why``: counted once, whether the reply went or not."""
+        from . import socks
+
+        self._socks_reply(conn, socks.encode_reply(code))
+        self._refuse(conn, why, detail, logging.INFO)
 
     def _socks_request(self, conn: _Conn, request: Any) -> None:
         from . import socks
 
         if request.command != socks.CONNECT:
-            self._socks_send(conn, socks.encode_reply(socks.COMMAND_NOT_SUPPORTED))
-            self._refuse(conn, "socks_command", f"refused: SOCKS5 command {request.command} "
-                         "(only CONNECT is served)", logging.INFO)
+            self._socks_fail(conn, socks.COMMAND_NOT_SUPPORTED, "socks_command",
+                             f"refused: SOCKS5 command {request.command} (only CONNECT is served)")
             return
         head = conn.head
         assert head is not None
@@ -756,12 +786,10 @@ class ProxyServer:
     def _socks_resolved(self, conn: _Conn, got: Any) -> None:
         from . import socks
 
-        conn.stage = 0
         if isinstance(got, BaseException):
             why = got.strerror if isinstance(got, OSError) and got.strerror else str(got)
             code = socks.reply_for_gaierror(got.errno) if isinstance(got, socket.gaierror) else socks.GENERAL_FAILURE
-            self._socks_send(conn, socks.encode_reply(code))
-            self._refuse(conn, "target_unresolved", f"refused: SOCKS5 target {conn.target}: {why}", logging.INFO)
+            self._socks_fail(conn, code, "target_unresolved", f"refused: SOCKS5 target {conn.target}: {why}")
             return
         self._socks_connect(conn, got)
 
@@ -778,10 +806,9 @@ class ProxyServer:
             and not loops_back(self.address, ai[4])
         ]
         if not allowed:
-            self._socks_send(conn, socks.encode_reply(socks.NOT_ALLOWED))
             rule = policy.targets.describe() if policy.targets is not None else "the proxy itself"
-            self._refuse(conn, "target_not_allowed", f"refused: SOCKS5 target {conn.target} is not "
-                         f"allowed ({rule})", logging.INFO)
+            self._socks_fail(conn, socks.NOT_ALLOWED, "target_not_allowed",
+                             f"refused: SOCKS5 target {conn.target} is not allowed ({rule})")
             return
         backend = conn.routes.default.backends[0]  # SOCKS targets: every target's counters
         backend.live += 1
@@ -883,9 +910,7 @@ class ProxyServer:
                     up = socket.socket(family, type_, proto)
                 except OSError as exc:
                     self._refuse(conn, "not_proxied", f"no socket for upstream ({exc.strerror}); closed")
-                    if conn.backend is not None:
-                        conn.backend.live -= 1
-                        conn.backend = None
+                    self._release_backend(conn)
                     if exc.errno in (errno.EMFILE, errno.ENFILE):
                         self._paused_until = time.monotonic() + EMFILE_BACKOFF
                     return
@@ -940,13 +965,17 @@ class ProxyServer:
 
     def _drop_attempt(self, conn: _Conn) -> None:
         """Close the upstream socket of ``conn``'s connect in progress."""
-        conn.deadline = 0.0
         up = conn.upstream
         assert up is not None
-        self._sel.unregister(up)
-        self._connecting.pop(up.fileno(), None)
+        self._stop_waiting(conn, up)
         up.close()
         conn.upstream = None
+
+    def _stop_waiting(self, conn: _Conn, up: socket.socket) -> None:
+        """``up`` is no longer waited on for writing (connected, prefix sent, or given up)."""
+        self._sel.unregister(up)
+        del self._connecting[up.fileno()]
+        conn.deadline = 0.0
 
     def _attempt_failed(self, conn: _Conn, exc: OSError) -> None:
         """The connect in progress failed or timed out: try the next address, if any."""
@@ -961,9 +990,7 @@ class ProxyServer:
         if err:
             self._attempt_failed(conn, OSError(err, os.strerror(err)))
             return
-        self._sel.unregister(up)
-        del self._connecting[up.fileno()]
-        conn.deadline = 0.0
+        self._stop_waiting(conn, up)
         self._connect_done(conn)
 
     def _connect_done(self, conn: _Conn) -> None:
@@ -986,10 +1013,7 @@ class ProxyServer:
             return True
         up.close()
         conn.upstream = None
-        backend = conn.backend
-        if backend is not None:
-            backend.live -= 1
-            conn.backend = None
+        self._release_backend(conn)
         return False
 
     def _send_prefix(self, conn: _Conn) -> None:
@@ -1018,18 +1042,14 @@ class ProxyServer:
             return
         conn.prefix = None
         if conn.stage == _PREFIX:
-            self._sel.unregister(up)
-            del self._connecting[up.fileno()]
-            conn.deadline = 0.0
+            self._stop_waiting(conn, up)
         self._hand_over(conn)
 
     def _cancel(self, conn: _Conn) -> None:
         """Give up a connect in progress (shutting down)."""
         self._drop_attempt(conn)
         self._note(conn, "shutting down")
-        if conn.backend is not None:
-            conn.backend.live -= 1
-            conn.backend = None
+        self._release_backend(conn)
         self._connect_failed(conn)
 
     @staticmethod
@@ -1044,20 +1064,11 @@ class ProxyServer:
         """Every backend failed (or the server stops): close the client, count, log."""
         conn.deadline = 0.0
         conn.stage = 0
-        if conn.socks:  # the SOCKS5 reply says why, as RFC 1928 codes it
+        if conn.socks:  # the SOCKS5 reply says why, as RFC 1928 codes it (if the client takes it)
             from . import socks
 
-            try:
-                conn.client.send(socks.encode_reply(socks.reply_for_errno(conn.err)), MSG_NOSIGNAL)  # type: ignore[union-attr]
-            except OSError:
-                pass
-        if conn.counted:
-            conn.counted = False
-            self._uncount(conn.ip)
-        client = conn.client
-        assert client is not None
-        conn.client = None
-        client.close()
+            self._socks_reply(conn, socks.encode_reply(socks.reply_for_errno(conn.err)))
+        self._release_client(conn)
         self.counters.failed_connects += 1
         log.warning(
             "conn %d %s -> %s: upstream connect failed: %s; client closed",
@@ -1081,9 +1092,7 @@ class ProxyServer:
         except (OSError, RuntimeError) as exc:
             os.close(a)
             os.close(b)
-            backend = conn.backend
-            if backend is not None:
-                backend.live -= 1
+            self._release_backend(conn)
             why = _name_sides(str(exc))
             if _CLIENT_GONE.search(why):  # it closed or reset first: a balancer's health check, say
                 self._refuse(conn, "closed_early", f"not proxied: {why}", logging.DEBUG)
@@ -1222,13 +1231,10 @@ class ProxyServer:
 
     def _drop_pending(self) -> None:
         """Close the connections not proxied yet: heads being read, connects in progress."""
-        for conn in list(self._reading.values()):
+        for conn in [*self._reading.values(), *self._resolving.values()]:  # a head, a SOCKS5 lookup
             self._refuse(conn, "shutting_down", "closed unproxied: the proxy is stopping", logging.INFO)
         for conn in list(self._connecting.values()):
             self._cancel(conn)
-        for conn in list(self._resolving.values()):  # a SOCKS5 target name being looked up
-            del self._resolving[conn.id]
-            self._refuse(conn, "shutting_down", "closed unproxied: the proxy is stopping", logging.INFO)
 
     def _shutdown(self) -> None:
         self._stop_upkeep()

@@ -103,3 +103,12 @@ def test_a_server_name_given_several_backends_spreads_over_them_by_the_balance()
     finally:
         for u in ups:
             u.close()
+
+
+def test_the_servers_head_bound_is_the_two_parsers_bounds():
+    """server.HEAD_MAX is written as a number (so that a proxy without --sni never loads
+    splicepool.sni): it must stay a PROXY header's bound plus the ClientHello's."""
+    from splicepool import server, sni
+    from splicepool.routes import PROXY_HEADER_MAX
+
+    assert server.HEAD_MAX == PROXY_HEADER_MAX + sni.MAX_HELLO

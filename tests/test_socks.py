@@ -289,3 +289,15 @@ def test_behind_a_balancer_the_proxy_header_comes_first_and_names_the_client(sta
     line = wait_until(lambda: proxy.conn_lines(), 5, "the log line")[0]
     assert line["peer"].startswith("203.0.113.9:4000 via 127.0.0.1:"), line
     assert (line["up"], line["down"], line["upstream"]) == ("4", "4", up.addr)
+
+
+def test_a_client_that_stops_mid_negotiation_is_cut_at_the_head_timeout(start_socks):
+    """Greeting answered, then silence: closed after --head-timeout, the log naming what
+    never came (a SOCKS5 request, not a ClientHello), counted as head_timeout."""
+    proxy = start_socks("--head-timeout", "0.5")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(socks.encode_greeting([socks.NO_AUTH]))
+        assert recv_exact(sock, 2) == b"\x05\x00"
+        assert recv_until_eof(sock) == b""
+    proxy.wait_log(r" WARNING conn 1 \S+: refused: no complete SOCKS5 request within 0\.5 s$")
+    assert proxy.wait_stats(refused=1)["refusals"] == {"head_timeout": 1}
