@@ -674,6 +674,16 @@ def _how_it_died(status: int) -> str:
     return f"exited with status {os.WEXITSTATUS(status)}"
 
 
+def _looping_backend(listen: tuple[str, int], routes: Routes) -> str | None:
+    """The name of a backend of ``routes`` that is the ``listen`` address itself (a wildcard
+    listen included), or None; OSError when ``listen`` does not resolve."""
+    listens = socket.getaddrinfo(*listen, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[:1]
+    for backend in routes.backends:
+        if any(loops_back(where[4], up[4]) for where in listens for up in backend.addresses):
+            return backend.name
+    return None
+
+
 def _reloaded_args(args: argparse.Namespace, argv: list[str] | None) -> argparse.Namespace:
     """``args`` with what a reload changes (the RELOADABLE options) as the --config file gives
     it now: what a child started after a SIGHUP must begin with, as its siblings reloaded.
@@ -683,12 +693,10 @@ def _reloaded_args(args: argparse.Namespace, argv: list[str] | None) -> argparse
     try:
         fresh = load_args(argv, raising=True)
         routes = build_routes(fresh)  # a name that does not resolve: the children refuse it
-        listens = socket.getaddrinfo(*args.listen, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[:1]
+        if _looping_backend(args.listen, routes) is not None:
+            return args  # the children refuse it too; a child started with it could not start
     except (OSError, ValueError):
         return args
-    if any(loops_back(listen[4], info[4]) for listen in listens for backend in routes.backends
-           for info in backend.addresses):
-        return args  # the children refuse it too; a child started with it could not start
     merged = argparse.Namespace(**vars(args))
     for key, value in vars(fresh).items():
         if key.replace("_", "-") in RELOADABLE:
@@ -821,15 +829,14 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a backend's name does not resolve: status 1
         raise SystemExit(str(exc)) from None
     try:
-        listens = socket.getaddrinfo(*args.listen, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[:1]
+        looping = _looping_backend(args.listen, routes)
     except OSError as exc:
         raise SystemExit(f"--listen {format_addr(args.listen)}: {exc}") from None
-    for backend in routes.backends:
-        if any(loops_back(listen[4], up[4]) for listen in listens for up in backend.addresses):
-            build_parser().error(
-                f"--connect {backend.name} is this proxy's own --listen address "
-                "(every connection would loop back into the proxy)"
-            )
+    if looping is not None:
+        build_parser().error(
+            f"--connect {looping} is this proxy's own --listen address "
+            "(every connection would loop back into the proxy)"
+        )
     if args.command == "socks" and not args.allow_target:
         logging.getLogger("splicepool.proxy").warning(
             "socks: clients may connect to any address but this proxy's own (no --allow-target)")
