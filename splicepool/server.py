@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ._sockets import MSG_NOSIGNAL
 from .backends import Backend, HealthChecker, Resolver
@@ -203,7 +203,7 @@ class _Conn:
         self.errors: list[str] | None = None  # "address: error" of each address that failed
         self.head: bytearray | None = None  # bytes read before routing (PROXY header, ClientHello)
         self.header: ProxyHeader | None = None  # the PROXY header the client sent
-        self.order: list[Backend] = []  # the backends to try, in order
+        self.order: Sequence[Backend] = ()  # the backends to try, in order (none yet: no list made)
         self.bi = -1  # the index in order of the backend tried now
         self.backend: Backend | None = None
         self.addrs: tuple[Any, ...] = ()  # that backend's addresses, as they were when it was tried
