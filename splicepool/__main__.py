@@ -115,6 +115,29 @@ the proxy command does; USER@ comes before the client's address. SIGHUP
 re-reads --config (users and target lists too); more: docs/socks.md.
 """
 
+HTTP_EPILOG = """\
+examples:
+  # a reverse proxy for a web server on 127.0.0.1:8000
+  python -m splicepool http --listen 0.0.0.0:8080 --connect 127.0.0.1:8000
+
+  # three backends, the least busy first, checked every 2 s, behind a TLS
+  # terminator (X-Forwarded-Proto: https), stats on 127.0.0.1:9102
+  python -m splicepool http --listen 127.0.0.1:8080 --balance leastconn \\
+      --connect 10.0.0.11:80 --connect 10.0.0.12:80 --connect 10.0.0.13:80 \\
+      --health-check 2 --forwarded-proto https --stats-listen 9102
+
+Request and response heads are parsed (h11: pip install 'splicepool[http]')
+and rewritten: hop-by-hop fields dropped, X-Forwarded-For, Forwarded and
+X-Forwarded-Proto added. Bodies are spliced: a Content-Length body with max
+set to its length, a chunked one chunk by chunk. Keep-alive on both sides; an
+idle backend connection serves the next client. A malformed request gets 400
+(431 for a head over 64 KiB), CONNECT 405, a backend that cannot be reached
+502, every backend down 503, a response that does not start within
+--response-timeout 504. After a 101 (WebSocket) the two sockets are relayed
+both ways. Each request logs one line: client, backend, request line,
+status, bytes up and down, duration. More: docs/http.md.
+"""
+
 _INF = float("inf")
 
 
@@ -257,7 +280,8 @@ LIST_OPTIONS = {"connect", "sni", "allow", "deny", "proxy-from", "user", "allow-
 VALUE_OPTIONS = {
     "listen", "balance", "workers", "idle", "max-conns", "max-conns-per-client", "connect-timeout",
     "pipe-size", "processes", "grace", "stats-listen", "log-level", "health-check", "rise", "fall",
-    "resolve-every", "send-proxy", "head-timeout",
+    "resolve-every", "send-proxy", "head-timeout", "keepalive-timeout", "response-timeout",
+    "forwarded-proto", "max-idle-upstream",
 }
 # What a reload applies; every other option takes effect on a restart (a reload says so).
 RELOADABLE = {"connect", "sni", "allow", "deny", "balance", "max-conns-per-client", "accept-proxy",
@@ -286,24 +310,7 @@ def build_parser(*, defaults: bool = True, raising: bool = False) -> argparse.Ar
     )
     parser.proxy_parser = p  # type: ignore[attr-defined]  # for errors found after parsing
     _add_listen(p, d)
-    p.add_argument("--connect", action="append", type=_connect_addr, default=d(None),
-                   metavar="HOST:PORT",
-                   help="a backend (required; repeat it for several): every address its name "
-                   "resolves to is tried, in order")
-    p.add_argument("--balance", choices=BALANCES, default=d("roundrobin"),
-                   help="how new connections are spread over the --connect backends: in turn, "
-                   "to the one with the fewest live connections, or by client address "
-                   "(default: roundrobin)")
-    p.add_argument("--health-check", type=_seconds, default=d(0.0), metavar="SECONDS",
-                   help="connect to each backend this often; a backend that is down gets no new "
-                   "connection (default: 0, off)")
-    p.add_argument("--rise", type=_count(1), default=d(2), metavar="N",
-                   help="checks in a row that mark a down backend up (default: 2)")
-    p.add_argument("--fall", type=_count(1), default=d(3), metavar="N",
-                   help="checks in a row that mark an up backend down (default: 3)")
-    p.add_argument("--resolve-every", type=_seconds, default=d(0.0), metavar="SECONDS",
-                   help="resolve the backends' names again this often, so a DNS change reaches "
-                   "new connections (default: 0, only at start and on reload)")
+    _add_backends(p, d)
     _add_accept_proxy(p, d)
     p.add_argument("--send-proxy", choices=("v1", "v2"), default=d(None),
                    help="send a PROXY protocol header of this version to the backend before any "
@@ -338,7 +345,55 @@ def build_parser(*, defaults: bool = True, raising: bool = False) -> argparse.Ar
                    "wins over --allow-target)")
     _add_accept_proxy(s, d)
     _add_common(s, d)
+    h = sub.add_parser(
+        "http",
+        help="run an HTTP/1.1 reverse proxy",
+        description="An HTTP/1.1 reverse proxy: request and response heads are read and "
+        "rewritten in Python, bodies are spliced (zero-copy on Linux); keep-alive on both "
+        "sides, WebSocket upgrades.",
+        epilog=HTTP_EPILOG.replace("python -m splicepool", _prog()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+        raising=raising,
+    )
+    parser.http_parser = h  # type: ignore[attr-defined]
+    _add_listen(h, d)
+    _add_backends(h, d)
+    _add_accept_proxy(h, d)
+    h.add_argument("--keepalive-timeout", type=_positive_float, default=d(60.0), metavar="SECONDS",
+                   help="how long a client connection may wait between requests (default: 60)")
+    h.add_argument("--response-timeout", type=_positive_float, default=d(60.0), metavar="SECONDS",
+                   help="how long a backend has to start its response once the request is sent "
+                   "(then 504; default: 60)")
+    h.add_argument("--forwarded-proto", default=d("http"), choices=("http", "https"),
+                   help="the X-Forwarded-Proto and Forwarded proto= sent to the backends "
+                   "(https behind a TLS terminator; default: http)")
+    h.add_argument("--max-idle-upstream", type=_count(0), default=d(32), metavar="N",
+                   help="idle keep-alive connections kept per backend for the next client "
+                   "(default: 32)")
+    _add_common(h, d)
     return parser
+
+
+def _add_backends(p: argparse.ArgumentParser, d: Any) -> None:
+    p.add_argument("--connect", action="append", type=_connect_addr, default=d(None),
+                   metavar="HOST:PORT",
+                   help="a backend (required; repeat it for several): every address its name "
+                   "resolves to is tried, in order")
+    p.add_argument("--balance", choices=BALANCES, default=d("roundrobin"),
+                   help="how new connections are spread over the --connect backends: in turn, "
+                   "to the one with the fewest live connections, or by client address "
+                   "(default: roundrobin)")
+    p.add_argument("--health-check", type=_seconds, default=d(0.0), metavar="SECONDS",
+                   help="connect to each backend this often; a backend that is down gets no new "
+                   "connection (default: 0, off)")
+    p.add_argument("--rise", type=_count(1), default=d(2), metavar="N",
+                   help="checks in a row that mark a down backend up (default: 2)")
+    p.add_argument("--fall", type=_count(1), default=d(3), metavar="N",
+                   help="checks in a row that mark an up backend down (default: 3)")
+    p.add_argument("--resolve-every", type=_seconds, default=d(0.0), metavar="SECONDS",
+                   help="resolve the backends' names again this often, so a DNS change reaches "
+                   "new connections (default: 0, only at start and on reload)")
 
 
 def _add_listen(p: argparse.ArgumentParser, d: Any) -> None:
@@ -465,10 +520,10 @@ def load_args(argv: list[str] | None, *, raising: bool = False) -> argparse.Name
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(raising=raising)
     args = parser.parse_args(argv)
-    if args.command not in ("proxy", "socks"):
+    if args.command not in ("proxy", "socks", "http"):
         return args
     # errors from here on are the command's own
-    parser = parser.proxy_parser if args.command == "proxy" else parser.socks_parser
+    parser = getattr(parser, f"{args.command}_parser")
     if args.config is not None:
         try:
             words = config_argv(args.config)
@@ -484,7 +539,7 @@ def load_args(argv: list[str] | None, *, raising: bool = False) -> argparse.Name
                 why = str(exc).removeprefix(f"argument {chunk[0]}: ")
                 parser.error(f"--config {args.config}: {chunk[0][2:]}: {why}")
         args = build_parser(raising=raising).parse_args(argv + [w for chunk in chunks for w in chunk])
-    for name in ("listen", "connect") if args.command == "proxy" else ("listen",):
+    for name in ("listen",) if args.command == "socks" else ("listen", "connect"):
         if getattr(args, name) is None:
             parser.error(f"--{name} is required (on the command line or in the --config file)")
     return args
@@ -514,8 +569,8 @@ def build_routes(args: argparse.Namespace, reuse: Routes | None = None) -> Route
     return Routes(
         args.connect,
         balance=args.balance,
-        sni=args.sni or (),
-        send_proxy=args.send_proxy,
+        sni=getattr(args, "sni", None) or (),  # http has neither
+        send_proxy=getattr(args, "send_proxy", None),
         health_check=args.health_check,
         rise=args.rise,
         fall=args.fall,
@@ -643,17 +698,24 @@ def run_proxy(args: argparse.Namespace, index: int = 0, argv: list[str] | None =
 
 def _server(args: argparse.Namespace, pool: SplicePool, routes: Routes,
             argv: list[str] | None = None) -> ProxyServer:
-    return ProxyServer(
-        args.listen,
-        routes,
-        pool=pool,
-        reloader=make_reloader(argv, args) if args.config is not None else None,
-        idle=None if args.idle == _INF else args.idle,
-        max_conns=args.max_conns,
-        connect_timeout=args.connect_timeout,
-        nodelay=args.nodelay,
-        reuse_port=args.reuse_port or args.processes > 1,
-    )
+    common: dict[str, Any] = {
+        "pool": pool,
+        "reloader": make_reloader(argv, args) if args.config is not None else None,
+        "idle": None if args.idle == _INF else args.idle,
+        "max_conns": args.max_conns,
+        "connect_timeout": args.connect_timeout,
+        "nodelay": args.nodelay,
+        "reuse_port": args.reuse_port or args.processes > 1,
+    }
+    if args.command == "http":
+        from .http import HttpProxyServer  # only for http: h11 and the HTTP code
+
+        return HttpProxyServer(
+            args.listen, routes, keepalive_timeout=args.keepalive_timeout,
+            response_timeout=args.response_timeout, proto=args.forwarded_proto,
+            max_idle=args.max_idle_upstream, **common,
+        )
+    return ProxyServer(args.listen, routes, **common)
 
 
 _RESTART_FIRST = 0.1  # seconds before replacing a dead child...

@@ -129,6 +129,7 @@ __all__ = [
     "expects_continue",
     "is_upgrade_response",
     "keeps_alive",
+    "upstream_keeps_alive",
     "parse_chunk_line",
     "parse_request_head",
     "parse_response_head",
@@ -605,17 +606,25 @@ def keeps_alive(request_head: RequestHead, response_head: ResponseHead) -> bool:
     "keep-alive", not when the response's body is close-delimited, and not after a 101 or a
     2xx to CONNECT (the connection is no longer HTTP). ``response_head`` is the final
     response (a 1xx other than 101 is interim)."""
-    for head in (request_head, response_head):
-        tokens = _tokens(head, b"connection")
-        if b"close" in tokens:
-            return False
-        if head.version == "1.0" and b"keep-alive" not in tokens:
-            return False
-    if response_head.status == 101:
+    return _persists(request_head) and upstream_keeps_alive(response_head, request_head.method)
+
+
+def upstream_keeps_alive(response_head: ResponseHead, request_method: str) -> bool:
+    """Whether the upstream connection can carry another request after ``response_head``
+    (the final response to a ``request_method`` request sent as ``proxy_request_head`` sends
+    it: HTTP/1.1 without Connection: close): ``keeps_alive`` with the response's side only."""
+    if not _persists(response_head) or response_head.status == 101:
         return False
-    if request_head.method == "CONNECT" and 200 <= response_head.status < 300:
+    if request_method == "CONNECT" and 200 <= response_head.status < 300:
         return False
-    return response_body(response_head, request_head.method).kind != "close"
+    return response_body(response_head, request_method).kind != "close"
+
+
+def _persists(head: RequestHead | ResponseHead) -> bool:
+    """This side lets the connection persist: no Connection: close, and HTTP/1.1 or
+    Connection: keep-alive."""
+    tokens = _tokens(head, b"connection")
+    return b"close" not in tokens and (head.version != "1.0" or b"keep-alive" in tokens)
 
 
 def expects_continue(request_head: RequestHead) -> bool:

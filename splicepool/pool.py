@@ -201,6 +201,8 @@ class SplicePool:
         max: int = 0,
         idle: float | None = None,
         close: bool = False,
+        *,
+        wait: bool = True,
     ) -> Splice:
         """Splice ``src`` into ``dst``; return the running ``Splice``.
 
@@ -210,7 +212,9 @@ class SplicePool:
         returns that splice). Raises ``OSError`` with FreeBSD's errno for a bad
         request (docs/contract.md, "Errors"), ``ELOOP`` if ``src`` and ``dst`` are the two ends
         of one TCP connection, ``TypeError`` for bad types, ``RuntimeError`` if the pool
-        is closed; a failed call changes nothing.
+        is closed; a failed call changes nothing. ``wait=False`` returns as soon as the splice
+        is handed to its worker, as ``proxy(wait=False)`` does (an event loop that splices,
+        such as the HTTP front door, never waits for a worker thread).
         """
         src_fd = _sockets.fileno_of(src, "source")
         if isinstance(dst, int) and not isinstance(dst, bool) and dst < 0:
@@ -222,7 +226,7 @@ class SplicePool:
         src_info = _sockets.probe(src, src_fd, "source")
         dst_info = _sockets.probe(dst, dst_fd, "drain")
         _sockets.validate_limits(max, idle)
-        (sp,) = self._start(((src, src_info, dst, dst_info),), max, idle, close, True, None)
+        (sp,) = self._start(((src, src_info, dst, dst_info),), max, idle, close, wait, None)
         return sp
 
     def proxy(

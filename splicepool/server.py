@@ -419,7 +419,7 @@ class ProxyServer:
         return timeout if timeout is None else min(timeout, _MAX_WAIT)
 
     def _run_once(self, events: list[tuple[selectors.SelectorKey, int]]) -> None:
-        for key, _mask in events:
+        for key, mask in events:
             data = key.data
             if data == "wake":
                 try:
@@ -432,8 +432,10 @@ class ProxyServer:
                 self._read_head(data)
             elif data.stage == _PREFIX:
                 self._send_prefix(data)
-            else:
+            elif data.stage == _CONNECT:
                 self._connected(data)
+            else:  # a subclass's own object (HttpProxyServer's sessions)
+                self._ready(data, key.fd, mask)
         while self._notes:
             log.warning("%s", self._notes.popleft())
         while self._finished:
@@ -470,6 +472,11 @@ class ProxyServer:
         if self._paused_until and now >= self._paused_until:
             self._paused_until = 0.0
         self._set_accepting(not self._stopping and not self._paused_until and not self._full())
+
+    def _ready(self, data: Any, fd: int, mask: int) -> None:
+        """``fd``, registered by a subclass with ``data`` (whose ``stage`` is none of a
+        connection's), is ready for ``mask``."""
+        raise NotImplementedError(f"no handler for {data!r} (fd {fd})")
 
     def _full(self) -> bool:
         return bool(self.max_conns) and (

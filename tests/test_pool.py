@@ -271,3 +271,20 @@ def test_start_starts_every_worker_at_once_and_a_closed_pool_refuses_it():
     assert thread_count() == threads0
     with pytest.raises(RuntimeError, match="closed"):
         pool.start()
+
+
+def test_splice_wait_false_ends_at_max_and_gives_the_socket_back(pool, link):
+    """splice(wait=False), the way the HTTP front door uses it from its loop: it returns once
+    handed over, moves exactly ``max`` bytes (those already queued first), ends with MAX and
+    leaves every later byte in the source for the caller to read."""
+    body, after = payload(3 * MiB + 5, 31), b"NEXT REQUEST"
+    link.peer_src.sendall(body[:100_000])
+    ended = threading.Event()
+    sp = pool.splice(link.src, link.dst, max=len(body), wait=False)
+    sp.add_done_callback(lambda _sp: ended.set())
+    sender = send_in_thread(link.peer_src, body[100_000:] + after)
+    assert digest(recv_exact(link.peer_dst, len(body), 30)) == digest(body)
+    assert ended.wait(10)
+    assert (sp.reason, sp.transferred) == (EndReason.MAX, len(body))
+    sender.join(10)
+    assert recv_exact(link.src, len(after)) == after  # untouched, for the caller
