@@ -47,6 +47,7 @@ from splicepool.http1 import (  # noqa: E402
     request_body,
     response_body,
     upgrade_to,
+    upstream_keeps_alive,
 )
 
 pytestmark = engine_free
@@ -350,6 +351,13 @@ def test_keeps_alive():
     assert keeps_alive(r11, eof) is False
     assert keeps_alive(r11, resp(b"HTTP/1.1 101 S\r\nUpgrade: ws\r\n\r\n")) is False
     assert keeps_alive(r11, resp(b"HTTP/1.1 204 No Content\r\n\r\n")) is True
+    # the upstream's side alone: what a request sent as HTTP/1.1 without close gets back
+    for response in (ok, ok10ka, resp(b"HTTP/1.1 204 No Content\r\n\r\n")):
+        assert upstream_keeps_alive(response, "GET") is True
+    for response in (ok10, closing, eof, resp(b"HTTP/1.1 101 S\r\nUpgrade: ws\r\n\r\n")):
+        assert upstream_keeps_alive(response, "GET") is False
+    assert upstream_keeps_alive(resp(b"HTTP/1.1 200 OK\r\n\r\n", "HEAD"), "HEAD") is True  # no body
+    assert upstream_keeps_alive(resp(b"HTTP/1.1 200 OK\r\n\r\n", "CONNECT"), "CONNECT") is False
 
 
 def test_expect_and_upgrade():
