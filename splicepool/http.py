@@ -551,6 +551,8 @@ class HttpProxyServer(ProxyServer):
 
     def _request_head(self, s: _Session) -> bool:
         leg = s.rq
+        if not leg.inbuf:
+            return self._more(s, leg)
         try:
             head = http1.parse_request_head(leg.inbuf)
         except HttpError as exc:
@@ -600,6 +602,8 @@ class HttpProxyServer(ProxyServer):
         leg = s.rs
         req = s.req
         assert req is not None
+        if not leg.inbuf:
+            return self._more(s, leg)
         try:
             head = http1.parse_response_head(leg.inbuf, request_method=req.method)
         except HttpError as exc:

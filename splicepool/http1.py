@@ -247,8 +247,8 @@ def parse_request_head(
     found = _find_head(data, max_size, None)
     if found is None:
         return None
-    start, end, buf = found
-    event = _h11_event(buf[start:end], None, start)
+    event = _parsed(found, None)
+    end = found[1]
     return RequestHead(
         event.method.decode("ascii"),
         event.target.decode("ascii"),
@@ -273,8 +273,8 @@ def parse_response_head(
     found = _find_head(data, max_size, request_method)
     if found is None:
         return None
-    start, end, buf = found
-    event = _h11_event(buf[start:end], request_method, start)
+    event = _parsed(found, request_method)
+    end = found[1]
     return ResponseHead(
         event.status_code,
         bytes(event.reason),
@@ -301,9 +301,15 @@ def _find_head(
             else:
                 break
     match = _HEAD_END.search(buf, start)
-    end = len(buf) if match is None else match.end()
+    if match is not None:
+        # Whole: its first line is checked here (h11 reads versions 1.x and others that are
+        # not 1.0 or 1.1), the rest by h11, and only a head h11 refuses gets every line
+        # checked, for the fault's exact place (_parsed): each head is checked once.
+        lf = buf.find(b"\n", start)
+        _check_first_line(buf[start:lf].removesuffix(b"\r"), start, request_method, True)
+        return start, match.end(), buf
     # Check each complete line as soon as it is in (the last, unfinished one as far as it goes).
-    _check_lines(buf, start, end, request_method, complete=match is not None)
+    _check_lines(buf, start, len(buf), request_method, complete=False)
     if match is None:
         if len(buf) >= max_size:
             raise HttpError(
@@ -482,6 +488,20 @@ def _check_version(
         )
 
 
+def _parsed(found: tuple[int, int, bytes], request_method: str | None) -> Any:
+    """The h11 event of the whole head ``found`` (``_find_head``); HttpError naming the
+    first bad line and byte when there is one, else h11's own reason."""
+    start, end, buf = found
+    try:
+        return _h11_event(buf[start:end], request_method, start)
+    except HttpError:
+        _check_lines(buf, start, end, request_method, complete=True)
+        raise
+
+
+_ASKED: dict[str, Any] = {}  # method -> the h11 request a response head is parsed after
+
+
 def _h11_event(head: bytes, request_method: str | None, start: int) -> Any:
     """The h11 event for a complete head (``buf[start:end]``), HttpError if h11 refuses it."""
     h11 = _h11()
@@ -490,15 +510,19 @@ def _h11_event(head: bytes, request_method: str | None, start: int) -> Any:
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=len(head) + 1)
         else:
             conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=len(head) + 1)
-            # Propose an upgrade, so that h11 takes a 101 (whether there was one is the
-            # caller's to know: see is_upgrade_response).
-            conn.send(
-                h11.Request(
+            request = _ASKED.get(request_method)
+            if request is None:
+                # Propose an upgrade, so that h11 takes a 101 (whether there was one is the
+                # caller's to know: see is_upgrade_response). Made once per method: an h11
+                # event is immutable, and making one validates its fields every time.
+                request = h11.Request(
                     method=request_method,
                     target="/",
                     headers=[("Host", "upstream"), ("Connection", "upgrade"), ("Upgrade", "any")],
                 )
-            )
+                if len(_ASKED) < 64:  # methods are the peers' to choose: a bounded cache
+                    _ASKED[request_method] = request
+            conn.send(request)
         conn.receive_data(head)
         event = conn.next_event()
     except h11.ProtocolError as exc:
