@@ -418,7 +418,8 @@ def _add_common(p: argparse.ArgumentParser, d: Any) -> None:
     p.add_argument("--head-timeout", type=_positive_float, default=d(HEAD_TIMEOUT),
                    metavar="SECONDS",
                    help="how long a client has to send what is read before connecting: its "
-                   "PROXY header (--accept-proxy), ClientHello (--sni) or SOCKS5 request "
+                   "PROXY header (--accept-proxy), ClientHello (--sni), SOCKS5 request or "
+                   "HTTP request head (from its first byte) "
                    f"(default: {HEAD_TIMEOUT:g})")
     p.add_argument("--allow", action="append", type=_cidr("allow"), default=d(None), metavar="CIDR",
                    help="only clients in these networks may connect (repeatable; IPv4 and IPv6)")

@@ -240,6 +240,7 @@ class HttpProxyServer(ProxyServer):
         client.setblocking(False)
         s = _Session(self, conn.id, client, conn.peer, conn.ip, conn.routes)
         s.counted, conn.counted = conn.counted, False
+        s.order = list(conn.order)  # asked of the balance at accept: for the first request
         if conn.prefix:  # read along with a PROXY header: the start of the first request
             s.rq.inbuf += conn.prefix
         with self._live_lock:
@@ -702,20 +703,20 @@ class HttpProxyServer(ProxyServer):
 
     # -- upstream connections -----------------------------------------------------------
     def _get_upstream(self, s: _Session, fresh: bool = False) -> None:
-        order = s.routes.order(s.ip)
+        order = s.order if s.requests == 1 and s.order else s.routes.order(s.ip)
         if not order:
             self._answer(s, 503, "no backend is up")
             return
-        if not fresh:
-            for backend in order:
-                idle = self._idle_up.get(backend)
-                while idle:
-                    entry = idle.pop()
-                    self._sel.unregister(entry.sock)
-                    backend.live += 1
-                    self._attach(s, entry.sock, backend, entry.sockaddr, reused=True)
-                    self.reused += 1
-                    return
+        if not fresh:  # the balance's choice: an idle connection to it, else a new one
+            backend = order[0]
+            idle = self._idle_up.get(backend)
+            if idle:
+                entry = idle.pop()  # the newest: the least likely to have been closed
+                self._sel.unregister(entry.sock)
+                backend.live += 1
+                self._attach(s, entry.sock, backend, entry.sockaddr, reused=True)
+                self.reused += 1
+                return
         s.order = order
         s.bi = -1
         s.errors = []
@@ -1164,7 +1165,8 @@ class HttpProxyServer(ProxyServer):
         target = format_addr(s.sockaddr) if s.backend is not None and s.sockaddr is not None else "-"
         line = "-" if req is _NO_REQUEST else printable(f"{req.method} {req.target} HTTP/{req.version}")
         error = f" error={printable(s.error)}" if s.error else ""
-        log.log(logging.WARNING if s.error and status != 400 else logging.INFO,
+        quiet = not s.error or status == 400 or s.reason == "client_gone"  # the client's doing
+        log.log(logging.INFO if quiet else logging.WARNING,
                 'conn %d %s -> %s "%s" %s up=%d down=%d duration=%.3fs%s', s.id, s.peer, target,
                 line, status or "-", up, down, time.monotonic() - s.t0, error)
 
@@ -1243,6 +1245,18 @@ class HttpProxyServer(ProxyServer):
         while self._tunnels:
             self._tunnel_done(self._tunnels.popleft())
 
+    def metrics(self) -> str:
+        """``ProxyServer.metrics`` and the HTTP counters (responses by class: ``class="2xx"``)."""
+        lines = [super().metrics().rstrip("\n")]
+        st = self.stats()["http"]
+        for name, kind, help_, key in _HTTP_METRICS:
+            lines += [f"# HELP splicepool_{name} {help_}", f"# TYPE splicepool_{name} {kind}",
+                      f"splicepool_{name} {st[key]}"]
+        lines += ["# HELP splicepool_http_responses_total Responses the clients got, by status class.",
+                  "# TYPE splicepool_http_responses_total counter"]
+        lines += [f'splicepool_http_responses_total{{class="{k}"}} {v}' for k, v in sorted(st["responses"].items())]
+        return "\n".join(lines) + "\n"
+
     def stats(self) -> dict[str, Any]:
         st = super().stats()
         st["http"] = {
@@ -1253,6 +1267,15 @@ class HttpProxyServer(ProxyServer):
             "upstream_idle": sum(len(v) for v in self._idle_up.values()),
         }
         return st
+
+
+_HTTP_METRICS = (  # name, type, help, the /stats "http" key
+    ("http_requests_total", "counter", "Requests whose head was read whole.", "requests"),
+    ("http_upstream_reused_total", "counter", "Requests sent on a kept upstream connection.", "upstream_reused"),
+    ("http_upstream_retried_total", "counter", "Requests sent again after a kept connection closed.",
+     "upstream_retried"),
+    ("http_upstream_idle", "gauge", "Idle upstream connections kept for the next client.", "upstream_idle"),
+)
 
 
 def _unsplice(sp: Splice) -> None:

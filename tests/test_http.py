@@ -670,6 +670,11 @@ def test_stats_count_requests_by_status(start_http, upstreams):
     st = proxy.stats()
     assert st["http"]["responses"] == {"2xx": 2, "4xx": 1}
     assert st["http"]["requests"] == 3
+    metrics = test_cli.http_get(proxy.stats_port, "/metrics")
+    for line in ('splicepool_http_responses_total{class="2xx"} 2', 'splicepool_http_responses_total{class="4xx"} 1',
+                 "splicepool_http_requests_total 3", "splicepool_http_upstream_reused_total 2",
+                 "splicepool_connections_accepted_total 1"):
+        assert line in metrics.splitlines(), line
 
 
 @needs_nginx
@@ -689,3 +694,31 @@ def test_upload_keeps_the_connection_for_the_next_request(nginx, start_http):
     assert all(int(f["up"]) > len(body) for f in found)
     for i in range(5):
         assert digest((nginx.root / "www" / "up" / f"keep{i}").read_bytes()) == digest(body)
+
+
+def test_balance_picks_the_backend_and_idle_connections_follow_it(start_http, upstreams):
+    """Two backends, roundrobin: each client's request goes to the backend the balance
+    chose, over an idle connection to that backend when there is one."""
+    served: list[str] = []
+
+    def named(name: str):
+        def answer(conn: socket.socket) -> None:
+            while True:
+                try:
+                    read_head(conn)
+                except EOFError:
+                    return
+                served.append(name)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n" + name.encode())
+        return answer
+
+    a, b = upstreams(named("a")), upstreams(named("b"))
+    proxy = start_http("--connect", a.addr, "--connect", b.addr)
+    bodies = []
+    for _ in range(6):
+        with connect(proxy) as sock:
+            sock.sendall(request("GET", "/", {"Connection": "close"}))
+            bodies.append(read_response(_Unclosable(sock))[1])
+    assert bodies == [b"a", b"b"] * 3
+    assert (a.accepted, b.accepted) == (1, 1)  # then reused
+    assert proxy.stats()["http"]["upstream_reused"] == 4
