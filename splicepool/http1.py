@@ -310,15 +310,13 @@ def _find_head(
         return start, match.end(), buf
     # Check each complete line as soon as it is in (the last, unfinished one as far as it goes).
     _check_lines(buf, start, len(buf), request_method, complete=False)
-    if match is None:
-        if len(buf) >= max_size:
-            raise HttpError(
-                431,
-                f"{what} head is over {max_size} bytes (max_size) and has not ended "
-                "(no empty line yet)",
-            )
-        return None
-    return start, end, buf
+    if len(buf) >= max_size:
+        raise HttpError(
+            431,
+            f"{what} head is over {max_size} bytes (max_size) and has not ended "
+            "(no empty line yet)",
+        )
+    return None
 
 
 def _check_lines(
