@@ -281,7 +281,7 @@ VALUE_OPTIONS = {
     "listen", "balance", "workers", "idle", "max-conns", "max-conns-per-client", "connect-timeout",
     "pipe-size", "processes", "grace", "stats-listen", "log-level", "health-check", "rise", "fall",
     "resolve-every", "send-proxy", "head-timeout", "keepalive-timeout", "response-timeout",
-    "forwarded-proto", "max-idle-upstream",
+    "forwarded-proto", "max-idle-upstream", "upstream-idle-timeout",
 }
 # What a reload applies; every other option takes effect on a restart (a reload says so).
 RELOADABLE = {"connect", "sni", "allow", "deny", "balance", "max-conns-per-client", "accept-proxy",
@@ -371,6 +371,9 @@ def build_parser(*, defaults: bool = True, raising: bool = False) -> argparse.Ar
     h.add_argument("--max-idle-upstream", type=_count(0), default=d(32), metavar="N",
                    help="idle keep-alive connections kept per backend for the next client "
                    "(default: 32)")
+    h.add_argument("--upstream-idle-timeout", type=_positive_float, default=d(4.0), metavar="SECONDS",
+                   help="a backend connection idle this long is closed, not used again: keep it "
+                   "below the backends' own keep-alive timeout (default: 4)")
     _add_common(h, d)
     return parser
 
@@ -714,7 +717,7 @@ def _server(args: argparse.Namespace, pool: SplicePool, routes: Routes,
         return HttpProxyServer(
             args.listen, routes, keepalive_timeout=args.keepalive_timeout,
             response_timeout=args.response_timeout, proto=args.forwarded_proto,
-            max_idle=args.max_idle_upstream, **common,
+            max_idle=args.max_idle_upstream, upstream_idle=args.upstream_idle_timeout, **common,
         )
     return ProxyServer(args.listen, routes, **common)
 

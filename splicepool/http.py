@@ -22,7 +22,7 @@ Keep-alive on both legs: a client connection carries requests until either side 
 ``Connection: close`` (or HTTP/1.0 without keep-alive) or a response is close-delimited. The
 session keeps its upstream connection between requests, and when the client goes, an
 upstream connection that can carry another request waits in an idle list of its backend
-(at most ``max_idle`` per backend, ``UPSTREAM_IDLE`` seconds) for the next session. A
+(at most ``max_idle`` per backend, ``upstream_idle`` seconds) for the next session. A
 request without a body that finds its reused upstream connection closed before any byte of
 the response is sent again once on a new connection.
 
@@ -64,13 +64,12 @@ if TYPE_CHECKING:
     from .relay import Proxy
     from .splice import Splice
 
-__all__ = ["HttpProxyServer", "UPSTREAM_IDLE", "LINGER"]
+__all__ = ["HttpProxyServer", "LINGER"]
 
 log = logging.getLogger("splicepool.proxy")
 
 _R, _W = selectors.EVENT_READ, selectors.EVENT_WRITE
 READ_SIZE = 65536  # one recv of a head (and what came with it)
-UPSTREAM_IDLE = 15.0  # seconds an idle upstream connection is kept for another session
 LINGER = 2.0  # seconds a closing client may still send (read and dropped) before the close
 EARLY = 0.05  # seconds a response may wait for the end of its request's body splice
 _RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
@@ -116,7 +115,8 @@ class _Session:
                  "rq", "rs", "backend", "sockaddr", "reused", "req", "resp", "keep", "up_keep",
                  "started", "t0", "requests", "deadline", "waiting", "cmask", "umask", "closed",
                  "replay", "lingering", "upgrade", "tunnel", "order", "bi", "addrs", "ai",
-                 "connecting", "errors", "timed_out", "ending", "status", "error", "reason", "logged", "early")
+                 "connecting", "errors", "timed_out", "ending", "status", "error", "reason", "logged", "early",
+                 "idle_since")
 
     def __init__(self, server: HttpProxyServer, id: int, client: socket.socket, peer: str, ip: str,
                  routes: Routes) -> None:
@@ -164,6 +164,7 @@ class _Session:
         self.reason = "client_closed"  # how the session ended, counted in /stats
         self.logged = False  # the exchange in progress has had its log line
         self.early = False  # its final response came before its request's end, for sure
+        self.idle_since = 0.0  # when the upstream connection held between requests went idle
 
 
 class _Idle:
@@ -187,7 +188,10 @@ class HttpProxyServer(ProxyServer):
     ``keepalive_timeout``: how long a client connection may wait between requests.
     ``response_timeout``: how long the upstream has to start its response once the request
     is sent (and any one write of a head may wait). ``proto``: the X-Forwarded-Proto (and
-    Forwarded proto=) to send. ``max_idle``: idle upstream connections kept per backend.
+    Forwarded proto=) to send. ``max_idle``: idle upstream connections kept per backend;
+    ``upstream_idle``: how long one may be idle (kept for another client, or held by its client
+    between requests) before it is closed rather than used: keep it below the backends' own
+    keep-alive timeout, so that they never close a connection as a request leaves on it.
     ``idle`` (as for ``ProxyServer``) bounds each body splice and tunnel. The rest: as for
     ``ProxyServer`` (``on_finished`` is not called: each request is logged instead).
     ``ImportError`` without h11 (``pip install 'splicepool[http]'``).
@@ -195,9 +199,11 @@ class HttpProxyServer(ProxyServer):
 
     def __init__(self, listen: tuple[str, int], connect: Any, *, keepalive_timeout: float = 60.0,
                  response_timeout: float = 60.0, proto: str = "http", max_idle: int = 32,
+                 upstream_idle: float = 4.0,
                  **kwargs: Any) -> None:
         http1.parse_request_head(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # h11 there? ImportError now
-        for name, value in (("keepalive_timeout", keepalive_timeout), ("response_timeout", response_timeout)):
+        for name, value in (("keepalive_timeout", keepalive_timeout), ("response_timeout", response_timeout),
+                            ("upstream_idle", upstream_idle)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, not {value}")
         if max_idle < 0:
@@ -209,6 +215,7 @@ class HttpProxyServer(ProxyServer):
         self.response_timeout = response_timeout
         self.proto = proto
         self.max_idle = max_idle
+        self.upstream_idle = upstream_idle
         self.host_default = format_addr(self.address)  # for an HTTP/1.0 request without Host
         self._sessions: dict[int, _Session] = {}
         self._idle_up: dict[Backend, list[_Idle]] = {}
@@ -246,8 +253,11 @@ class HttpProxyServer(ProxyServer):
         with self._live_lock:
             self.counters.live += 1
         self._sessions[s.id] = s
-        self._await_request(s)
-        self._step(s)
+        try:
+            self._await_request(s)
+            self._step(s)
+        except Exception:
+            self._crashed(s)
 
     def _ready(self, data: Any, fd: int, mask: int) -> None:
         if type(data) is _Idle:
@@ -312,8 +322,11 @@ class HttpProxyServer(ProxyServer):
             when, _, s = heapq.heappop(timers)
             if s.deadline == when and not s.closed:
                 s.deadline = 0.0
-                self._timed_out(s)
-        if now >= self._next_purge:
+                try:
+                    self._timed_out(s)
+                except Exception:
+                    self._crashed(s)
+        if self._next_purge and now >= self._next_purge:
             self._purge_idle(now)
         self._set_accepting(not self._stopping and not self._paused_until and not self._full())
 
@@ -322,7 +335,7 @@ class HttpProxyServer(ProxyServer):
         if self._timers:
             left = max(0.0, self._timers[0][0] - now)
             timeout = left if timeout is None else min(timeout, left)
-        if self._idle_up:
+        if self._next_purge:  # 0: no idle upstream connection to time out
             left = max(0.0, self._next_purge - now)
             timeout = left if timeout is None else min(timeout, left)
         return timeout
@@ -592,6 +605,9 @@ class HttpProxyServer(ProxyServer):
         s.upgrade = http1.upgrade_to(head) is not None
         s.rs.state = _HEAD
         s.rs.rwait = True  # no response before the request: wait to hear of one
+        if s.up is not None and s.t0 - s.idle_since >= self.upstream_idle:
+            self._close_up(s)  # idle too long: the backend may be closing it right now
+            s.rs.state = _HEAD
         if s.up is None:
             self._get_upstream(s)
         else:
@@ -693,6 +709,7 @@ class HttpProxyServer(ProxyServer):
                 self._close_up(s)
             elif s.keep and not self._stopping:
                 rs.state = _IDLE  # held for the next request: its EOF while idle closes it
+                s.idle_since = time.monotonic()
             else:
                 self._park(s)
         if s.keep and not self._stopping:
@@ -852,8 +869,9 @@ class HttpProxyServer(ProxyServer):
         entry = _Idle(up, backend, s.sockaddr, time.monotonic())
         idle.append(entry)
         self._sel.register(up, _R, entry)
-        if not self._next_purge or self._next_purge > entry.since + UPSTREAM_IDLE:
-            self._next_purge = entry.since + UPSTREAM_IDLE
+        due = entry.since + self.upstream_idle
+        if not self._next_purge or due < self._next_purge:
+            self._next_purge = due
 
     def _drop_idle(self, entry: _Idle) -> None:
         idle = self._idle_up.get(entry.backend)
@@ -865,10 +883,10 @@ class HttpProxyServer(ProxyServer):
     def _purge_idle(self, now: float) -> None:
         self._next_purge = 0.0
         for idle in self._idle_up.values():
-            for entry in [e for e in idle if now - e.since >= UPSTREAM_IDLE]:
+            for entry in [e for e in idle if now - e.since >= self.upstream_idle]:
                 self._drop_idle(entry)
             for entry in idle:
-                due = entry.since + UPSTREAM_IDLE
+                due = entry.since + self.upstream_idle
                 if not self._next_purge or due < self._next_purge:
                     self._next_purge = due
 

@@ -722,3 +722,40 @@ def test_balance_picks_the_backend_and_idle_connections_follow_it(start_http, up
     assert bodies == [b"a", b"b"] * 3
     assert (a.accepted, b.accepted) == (1, 1)  # then reused
     assert proxy.stats()["http"]["upstream_reused"] == 4
+
+
+def test_idle_upstream_connections_time_out_and_the_loop_then_sleeps(start_http, upstreams):
+    """An idle connection older than --upstream-idle-timeout is closed (in the idle list) or
+    replaced (held by its client); afterwards the loop waits without spinning."""
+    up = upstreams(lambda conn: _serve_forever(conn))
+    proxy = start_http("--upstream-idle-timeout", "0.3", connect=up.addr)
+    with connect(proxy) as held:
+        reader = _Unclosable(held)
+        held.sendall(request("GET", "/1"))
+        read_response(reader)
+        with connect(proxy) as other:  # parks its connection when it goes
+            other.sendall(request("GET", "/2", {"Connection": "close"}))
+            read_response(_Unclosable(other))
+        wait_until(lambda: proxy.stats()["http"]["upstream_idle"] == 1, 5, "one idle connection")
+        wait_until(lambda: proxy.stats()["http"]["upstream_idle"] == 0, 5, "the idle one closed")
+        held.sendall(request("GET", "/3"))  # its held connection is 0.3 s old by now: a new one
+        assert read_response(reader)[1] == b"ok"
+    assert up.accepted == 3
+    before = _cpu_seconds(proxy.pid)
+    time.sleep(1.0)  # the measured span: a loop that spins uses all of it
+    assert _cpu_seconds(proxy.pid) - before < 0.3
+
+
+def _serve_forever(conn: socket.socket) -> None:
+    while True:
+        try:
+            read_head(conn)
+        except (EOFError, OSError):
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
