@@ -759,3 +759,22 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_accept_proxy_puts_the_carried_client_in_x_forwarded_for(start_http, upstreams):
+    heads: list[bytes] = []
+
+    def record(conn: socket.socket) -> None:
+        heads.append(read_head(conn))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        conn.recv(1)
+
+    up = upstreams(record)
+    proxy = start_http("--accept-proxy", connect=up.addr)
+    with connect(proxy) as sock:
+        sock.sendall(b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 80\r\n" + request("GET", "/p"))
+        resp, _ = read_response(_Unclosable(sock))
+        assert resp.status == 200
+    assert "x-forwarded-for: 198.51.100.7\r\n" in heads[0].decode().lower()
+    (line,) = wait_lines(proxy, 1)
+    assert line["peer"].startswith("198.51.100.7:40000 via 127.0.0.1:")
