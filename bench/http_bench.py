@@ -28,8 +28,8 @@ Workloads:
   requests/s, latency p50/p99, the proxy's CPU per 1000 requests. Before it, curl fetches
   the file twice on one connection through the peer: both bodies must be byte-exact (sha256)
   and the connection kept, else the run is a failure, not a figure;
-* ``large``: one client (a Python http.client process) fetches the 100 MiB file 10 times
-  over one keep-alive connection: MiB/s, and the proxy's CPU seconds (utime + stime of its
+* ``large``: after one fetch that warms the peer up (not counted), one client (a Python
+  http.client process) fetches the 100 MiB file 10 times over one keep-alive connection: MiB/s, and the proxy's CPU seconds (utime + stime of its
   process tree, from /proc) per GiB moved. The last body is compared with the file;
 * ``large4``: the same with 4 concurrent clients, 5 fetches each.
 
@@ -438,18 +438,15 @@ def run_small(peer: Running, upstream: Running, s: Settings) -> dict:
     return v
 
 
-def run_large(peer: Running, upstream: Running, s: Settings, clients: int, count: int) -> dict:
-    """``clients`` keep-alive connections each fetching the large file ``count`` times."""
+def fetch_large(peer: Running, s: Settings, clients: int, count: int) -> dict:
+    """Run the client: ``clients`` keep-alive connections each fetching the large file
+    ``count`` times; what it reports."""
     f = s.files["large"]
     argv = [sys.executable, str(Path(__file__).resolve()), "_client", "--port", str(peer.port),
             "--path", f["url_path"], "--expect", f["path"], "--clients", str(clients),
             "--count", str(count)]
     mib = clients * count * f["size"] / MiB
-    cpu0 = cpu_seconds(peer.proc.pid) if peer.proc else None
-    up0 = cpu_seconds(upstream.proc.pid)
-    busy0, total0 = machine_cpu()
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60 + mib / 20)
-    busy1, total1 = machine_cpu()
     peer.alive()
     try:
         out = json.loads(done.stdout)
@@ -457,6 +454,20 @@ def run_large(peer: Running, upstream: Running, s: Settings, clients: int, count
         out = {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
     if done.returncode or "error" in out:
         raise RuntimeError(f"client: {out.get('error')}")
+    return out
+
+
+def run_large(peer: Running, upstream: Running, s: Settings, clients: int, count: int) -> dict:
+    """One fetch of the large file to warm the peer up (not counted: a fresh proxy may set
+    up workers, pipes and upstream connections on its first body), then ``clients``
+    keep-alive connections each fetching it ``count`` times, measured."""
+    f = s.files["large"]
+    fetch_large(peer, s, 1, 1)
+    cpu0 = cpu_seconds(peer.proc.pid) if peer.proc else None
+    up0 = cpu_seconds(upstream.proc.pid)
+    busy0, total0 = machine_cpu()
+    out = fetch_large(peer, s, clients, count)
+    busy1, total1 = machine_cpu()
     if out["verified"] != clients or out["sha256"] != f["sha256"]:
         raise RuntimeError(f"{peer.name} returned wrong bytes for {f['url_path']}: the last body of "
                            f"{clients - out['verified']} of {clients} connections differs from the file "
