@@ -36,11 +36,14 @@ soak: install
 
 # splicepool's proxy against a direct connection, a thread and an asyncio relay, and (installed
 # with apt-get when run as root, else skipped with a line saying so) HAProxy and socat; then
-# the SOCKS5 front door against pproxy (PyPI, the bench extra).
+# the SOCKS5 front door against pproxy (PyPI, the bench extra); then the HTTP/1.1 front door
+# (splicepool http, once this checkout has it) against HAProxy, nginx and an aiohttp proxy
+# (apt-get install nginx-light haproxy wrk; aiohttp is in the bench extra).
 bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/compare.py --install-peers $(BENCH_ARGS)
 	$(PY) bench/socks_bench.py
+	$(PY) bench/http_bench.py
 
 # A py-spy flame graph of the proxy under a 1-stream bulk load.
 profile: install
