@@ -648,7 +648,8 @@ class HttpProxyServer(ProxyServer):
                 if not s.upgrade or s.rq.state != _DONE:
                     raise HttpError(502, "101 Switching Protocols to a request that did not ask to upgrade")
             sent = self._request_sent(s)
-            keep = http1.keeps_alive(req, head) and sent and not s.rq.eof and not self._stopping
+            up_ok = sent and http1.upstream_keeps_alive(head, req.method)
+            keep = up_ok and http1.request_keeps_alive(req) and not s.rq.eof and not self._stopping
             out = http1.proxy_response_head(head, keep_alive=keep, request_version=req.version)
         except (HttpError, ValueError) as exc:
             self._upstream_failed(s, 502, f"bad response head: {exc}")
@@ -656,7 +657,7 @@ class HttpProxyServer(ProxyServer):
         s.resp = head
         s.status = status
         s.keep = keep
-        s.up_keep = sent and http1.upstream_keeps_alive(head, req.method)
+        s.up_keep = up_ok
         self._clear_deadline(s)
         leg.out += out
         leg.dechunk = body.kind == "chunked" and req.version == "1.0"
@@ -828,7 +829,7 @@ class HttpProxyServer(ProxyServer):
                 reused: bool) -> None:
         s.up, s.ufd = up, up.fileno()
         s.backend = backend
-        s.sockaddr = sockaddr
+        s.sockaddr = format_addr(sockaddr)  # as logged
         s.reused = reused
         s.rq.dst = up
         s.rs.src = up
@@ -1180,7 +1181,7 @@ class HttpProxyServer(ProxyServer):
         if s.backend is not None:
             s.backend.bytes_up += up
             s.backend.bytes_down += down
-        target = format_addr(s.sockaddr) if s.backend is not None and s.sockaddr is not None else "-"
+        target = s.sockaddr if s.backend is not None and s.sockaddr is not None else "-"
         line = "-" if req is _NO_REQUEST else printable(f"{req.method} {req.target} HTTP/{req.version}")
         error = f" error={printable(s.error)}" if s.error else ""
         quiet = not s.error or status == 400 or s.reason == "client_gone"  # the client's doing

@@ -129,6 +129,7 @@ __all__ = [
     "expects_continue",
     "is_upgrade_response",
     "keeps_alive",
+    "request_keeps_alive",
     "upstream_keeps_alive",
     "parse_chunk_line",
     "parse_request_head",
@@ -628,7 +629,14 @@ def keeps_alive(request_head: RequestHead, response_head: ResponseHead) -> bool:
     "keep-alive", not when the response's body is close-delimited, and not after a 101 or a
     2xx to CONNECT (the connection is no longer HTTP). ``response_head`` is the final
     response (a 1xx other than 101 is interim)."""
-    return _persists(request_head) and upstream_keeps_alive(response_head, request_head.method)
+    return request_keeps_alive(request_head) and upstream_keeps_alive(response_head, request_head.method)
+
+
+def request_keeps_alive(request_head: RequestHead) -> bool:
+    """The request's side of ``keeps_alive``: no Connection: close, and HTTP/1.1 or
+    Connection: keep-alive (so ``keeps_alive(q, r)`` is ``request_keeps_alive(q) and
+    upstream_keeps_alive(r, q.method)``)."""
+    return _persists(request_head)
 
 
 def upstream_keeps_alive(response_head: ResponseHead, request_method: str) -> bool:
@@ -789,7 +797,22 @@ def parse_trailers(data: bytes | bytearray | memoryview, *, max_size: int = MAX_
 
 
 def _forwarded_node(client_ip: str) -> tuple[str, str]:
-    """(X-Forwarded-For text, Forwarded for= value) for the client address."""
+    """(X-Forwarded-For text, Forwarded for= value) for the client address (remembered for
+    the last 1024 addresses: a client's every request asks again)."""
+    got = _NODES.get(client_ip)
+    if got is not None:
+        return got
+    got = _node(client_ip)
+    if len(_NODES) >= 1024:
+        _NODES.clear()
+    _NODES[client_ip] = got
+    return got
+
+
+_NODES: dict[str, tuple[str, str]] = {}
+
+
+def _node(client_ip: str) -> tuple[str, str]:
     try:
         ip = ipaddress.ip_address(client_ip)
     except (ValueError, TypeError):

@@ -78,6 +78,8 @@ def printable(text: str | bytes) -> str:
     ASCII (control characters, DEL, CR/LF, non-ASCII) and the backslash become ``\\xNN``."""
     if isinstance(text, bytes):
         text = text.decode("latin-1")
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text  # the usual case, at C speed
     return "".join(c if " " <= c <= "~" and c != "\\" else f"\\x{ord(c):02x}" for c in text)
 
 
