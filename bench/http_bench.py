@@ -751,8 +751,11 @@ def parse_args() -> argparse.Namespace:
                     "appended (default: this interpreter's `-m splicepool http`, run in this "
                     "checkout); e.g. \"/work/main/.venv/bin/python -m splicepool http\", run "
                     "from the temp dir")
-    ap.add_argument("--splicepool-args", default="", metavar="ARGS",
-                    help='extra arguments for `splicepool http`, e.g. "--workers 1"')
+    ap.add_argument("--splicepool-args", default="--log-level warning", metavar="ARGS",
+                    help='extra arguments for `splicepool http`, e.g. "--workers 1" (default: '
+                    '"--log-level warning": no access-log line per request, as the other peers '
+                    'run: nginx with access_log off, HAProxy with no log, aiohttp without its '
+                    'access logger)')
     ap.add_argument("--json", metavar="PATH",
                     help="raw results (default bench/results/http-TIMESTAMP.json)")
     args = ap.parse_args()
