@@ -823,3 +823,19 @@ def test_concurrent_keepalive_clients_get_every_body_exact(nginx, start_http):
     assert conns["accepted"] == 20
     st = proxy.stats()["http"]
     assert st["requests"] == 20 * 18 and st["responses"] == {"2xx": 20 * 18}
+
+
+@needs_nginx
+def test_a_client_that_stops_reading_stalls_no_one_else(nginx, start_http):
+    proxy = start_http(connect=nginx.addr)
+    stalled = connect(proxy)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.sendall(request("GET", "/100m"))
+    read_head(stalled)  # its body is spliced now, into a client that reads nothing more
+    with connect(proxy) as sock:
+        reader = _Unclosable(sock)
+        for name in ["10m", "64k", "1b", "10m"]:
+            sock.sendall(request("GET", f"/{name}"))
+            assert digest(read_response(reader)[1]) == digest(nginx.files[name])
+    proxy.wait_stats(live=1, finished=1)  # the stalled one, still there
+    stalled.close()
