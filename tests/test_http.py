@@ -837,5 +837,6 @@ def test_a_client_that_stops_reading_stalls_no_one_else(nginx, start_http):
         for name in ["10m", "64k", "1b", "10m"]:
             sock.sendall(request("GET", f"/{name}"))
             assert digest(read_response(reader)[1]) == digest(nginx.files[name])
+        reader.fp.close()  # else the makefile keeps the socket open past its close()
     proxy.wait_stats(live=1, finished=1)  # the stalled one, still there
     stalled.close()
