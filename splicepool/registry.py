@@ -54,6 +54,7 @@ class Endpoint:
         "urgent",
         "src_of",
         "drain_of",
+        "sole",
     )
 
     def __init__(self, key: int, fd: int, label: str, dup: bool, connecting: bool,
@@ -75,6 +76,9 @@ class Endpoint:
         self.urgent = False  # TCP urgent data was reported: reads may stop at its mark
         self.src_of: Any = None  # the live splice reading from it
         self.drain_of: Any = None  # the splice (not done) writing into it
+        # The pool holds the only fd of the socket (Registry.adopt): its close is the
+        # socket's close (no epoll_ctl DEL needed first, and it sends the FIN).
+        self.sole = False
         if sock is not None:  # handed over whole, already non-blocking (Registry.adopt)
             self.was_blocking = False
             self.sock = sock
@@ -200,7 +204,7 @@ class Registry:
         if key in self._endpoints:
             raise oserror(errno.EBUSY, f"{label} is held by the pool already")
         ep = Endpoint(key, fd, label, False, False, sock)
-        ep.owned = True
+        ep.owned = ep.sole = True
         ep.refs = refs
         self._endpoints[key] = ep
         return ep

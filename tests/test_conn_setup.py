@@ -222,3 +222,42 @@ def test_many_wakeups_before_the_loop_reads_cost_one_byte():
     finally:
         served.loop.start()
         served.close()
+
+
+def _epoll_targets(epfd: int) -> set[int]:
+    """The fds registered in the epoll instance ``epfd`` (its /proc fdinfo: a ``tfd:`` line each)."""
+    with open(f"/proc/self/fdinfo/{epfd}") as f:
+        return {int(line.split()[1]) for line in f if line.startswith("tfd:")}
+
+
+def test_a_relay_of_proxy_accepted_ends_with_close_alone_and_leaves_nothing_registered(listeners, monkeypatch):
+    """The pool holds the only fd of each socket: no epoll_ctl DEL and no second shutdown()
+    before the close (the close sends the FIN, and drops the registration): the client still
+    gets every byte and a FIN, and the worker's epoll holds nothing of the relay after it."""
+    from splicepool import _hub
+
+    removed = []
+    remove = _hub.EpollHub.remove
+    monkeypatch.setattr(_hub.EpollHub, "remove", lambda self, fd: (removed.append(fd), remove(self, fd))[1])
+    front, back = listeners
+    with SplicePool(workers=1) as pool:
+        for i in range(3):
+            client, accepted = _accepted_pair(front)
+            up, far = _connected(back)
+            relay = pool.proxy_accepted(accepted.detach(), up.detach(), socket.AF_INET,
+                                        client.getsockname(), far.getsockname())
+            data = payload(200_000 + i, seed=10 + i)
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(far) == data
+            far.sendall(data[::-1])
+            far.shutdown(socket.SHUT_WR)
+            assert recv_until_eof(client) == data[::-1]  # then EOF: a FIN, not a reset
+            assert relay.wait(10).name == "EOF"
+            client.close()
+            far.close()
+        hub = pool.worker(0).hub
+        if isinstance(hub, _hub.EpollHub):
+            assert removed == []
+            assert _epoll_targets(hub._ep.fileno()) == {hub._waker.rfd}
+        assert len(hub) == 0
