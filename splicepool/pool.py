@@ -139,6 +139,7 @@ class SplicePool:
         self.registry = Registry()
         self._workers: list[Any] = [None] * self.options.workers
         self._next = 0
+        self._unwoken: list[Any] = []  # workers given relays with wake=False, not woken yet
         adopt = _native.hooks.adopt_hub
         if adopt is not None:  # gevent: workers' log records go to this thread's hub
             adopt()
@@ -258,7 +259,7 @@ class SplicePool:
         return relay
 
     def proxy_accepted(self, a: int, b: int, family: int, a_peer: Any, b_peer: Any, *,
-                       idle: float | None = None) -> Proxy:
+                       idle: float | None = None, wake: bool = True) -> Proxy:
         """For the CLI's server (``ProxyServer``), not for library code: ``proxy(a, b,
         wait=False)`` for two sockets the caller made itself, without probing them.
 
@@ -270,6 +271,8 @@ class SplicePool:
         (a client may reset before its hand-over): ``OSError(ENOTCONN)`` if not, and the
         caller still owns both fds. ``proxy()`` checks everything (docs/contract.md);
         this saves an accept loop the 26 syscalls of probing two sockets it made itself.
+        ``wake=False`` queues the relay without waking its worker: the caller hands over
+        a burst, then calls ``wake_workers()`` once (one wakeup per worker per burst).
         """
         idle = _sockets.check_idle(idle)
         _sockets.validate_limits(0, idle)
@@ -306,9 +309,26 @@ class SplicePool:
             registry.claim_owned(forward, a_ep, b_ep)
             registry.claim_owned(reverse, b_ep, a_ep)
             relay.join(forward, reverse)
-            worker.post(engine.Add(forward, None))
-            worker.post(engine.Add(reverse, None))
+            control = worker.control
+            control.append(engine.Add(forward, None))
+            control.append(engine.Add(reverse, None))
+            if wake:
+                worker.hub.wake()
+            elif worker not in self._unwoken:
+                self._unwoken.append(worker)
         return relay
+
+    def wake_workers(self) -> None:
+        """Wake the workers ``proxy_accepted(..., wake=False)`` queued relays for (the
+        thread that queued them)."""
+        unwoken = self._unwoken
+        if not unwoken:
+            return
+        with self.registry.lock:  # a worker that has exited (accepting cleared) has no hub left
+            for worker in unwoken:
+                if worker.accepting:
+                    worker.hub.wake()
+            unwoken.clear()
 
     def _start(self, pairs: tuple[tuple[Any, SockInfo, Any, SockInfo], ...], max: int,
                idle: float | None, close: bool, wait: bool, relay: Proxy | None) -> list[Splice]:

@@ -312,6 +312,7 @@ class ProxyServer:
         self._wake_pending = False  # a byte is in the wakeup pipe that the loop has not read
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._accepting = False
+        self._burst = False  # in _accept: hand-overs wake their worker at the burst's end
         self._paused_until = 0.0
         self._ids = 0
         self._connecting: dict[int, _Conn] = {}  # upstream fd -> connection
@@ -501,6 +502,15 @@ class ProxyServer:
 
     # -- accepting ------------------------------------------------------------------
     def _accept(self) -> None:
+        """Accept a burst; the relays it hands over wake their worker once, at its end."""
+        self._burst = True
+        try:
+            self._accept_burst()
+        finally:
+            self._burst = False
+            self.pool.wake_workers()
+
+    def _accept_burst(self) -> None:
         routes = self.routes
         for _ in range(ACCEPT_BURST):
             if self._full():
@@ -1112,7 +1122,7 @@ class ProxyServer:
         a, b = client.detach(), up.detach()
         try:
             relay = self.pool.proxy_accepted(a, b, self._family, conn.addr, conn.addrs[conn.ai][4],
-                                             idle=self.idle)
+                                             idle=self.idle, wake=not self._burst)
         except (OSError, RuntimeError) as exc:
             os.close(a)
             os.close(b)

@@ -261,3 +261,56 @@ def test_a_relay_of_proxy_accepted_ends_with_close_alone_and_leaves_nothing_regi
             assert removed == []
             assert _epoll_targets(hub._ep.fileno()) == {hub._waker.rfd}
         assert len(hub) == 0
+
+
+def test_relays_queued_without_a_wakeup_move_once_their_worker_is_woken(listeners):
+    front, back = listeners
+    with SplicePool(workers=1) as pool:
+        pool.start()
+        worker = pool.worker(0)
+        wakes = []
+        wake = worker.hub.wake
+        worker.hub.wake = lambda: (wakes.append(1), wake())[1]
+        pairs = []
+        for _ in range(3):
+            client, accepted = _accepted_pair(front)
+            up, far = _connected(back)
+            pool.proxy_accepted(accepted.detach(), up.detach(), socket.AF_INET, client.getsockname(),
+                                far.getsockname(), wake=False)
+            pairs.append((client, far))
+        assert wakes == [] and len(worker.control) == 6  # queued: two Adds per relay
+        pool.wake_workers()
+        pool.wake_workers()  # nothing left to wake: no second wakeup
+        assert wakes == [1]
+        for i, (client, far) in enumerate(pairs):
+            data = payload(70_000, seed=20 + i)
+            client.sendall(data)
+            assert recv_exact(far, len(data)) == data
+            client.close()
+            far.close()
+
+
+@needs_threads
+def test_an_accept_burst_wakes_the_worker_once():
+    served = Served()
+    server = served.server
+    server.pool.start()
+    worker = server.pool.worker(0)
+    wakes = []
+    wake = worker.hub.wake
+    worker.hub.wake = lambda: (wakes.append(1), wake())[1]
+    clients = [socket.create_connection(("127.0.0.1", served.port), timeout=10) for _ in range(5)]
+    try:
+        server._set_accepting(True)  # what serve_forever does first; the 5 wait in the backlog
+        server._run_once(server._sel.select(5))  # one burst: all 5 accepted, connected, handed over
+        assert server.counters.accepted == 5 and server.counters.live == 5
+        assert wakes == [1]  # before: one per relay handed over (unless the worker was awake)
+        for i, c in enumerate(clients):
+            data = payload(50_000, seed=30 + i)
+            c.sendall(data)
+            assert recv_exact(c, len(data)) == data
+    finally:
+        for c in clients:
+            c.close()
+        served.start()
+        served.close()
