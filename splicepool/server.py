@@ -2,7 +2,9 @@
 
 One thread accepts and connects, without blocking: a selector watches the
 listening socket, the upstream connects in progress and a wakeup fd. Each
-connection, once its upstream is connected, is handed to ``SplicePool.proxy``;
+connection, once its upstream is connected, is handed to the pool
+(``SplicePool.proxy_accepted``: ``proxy`` without probing the two sockets this
+loop made itself; an accept burst wakes each worker once, at its end);
 the pool's workers move every byte and the server only logs the result. Live
 counters are served as JSON (``/stats``) and Prometheus text (``/metrics``).
 """
@@ -242,7 +244,7 @@ class _Live:
 
 
 class ProxyServer:
-    """Accept on ``listen``, connect to a backend, splice the two with ``pool.proxy``.
+    """Accept on ``listen``, connect to a backend, splice the two with the ``pool``.
 
     ``connect`` is one ``(host, port)``, a list of them, or a ``Routes`` (several backends,
     balance, SNI routes, access lists, PROXY protocol: see ``splicepool.routes``). Names are
