@@ -53,6 +53,8 @@ class GeventHub:
                 watcher.stop()
                 watcher.close()
 
+    forget = remove  # libev must stop its watchers before the fd closes
+
     def interest(self, fd: int, read: bool, write: bool) -> None:
         entry = self._watchers.get(fd)
         if entry is None:

@@ -4,6 +4,9 @@ One contract, several mechanisms (as CPython's ``selectors`` does it):
 
 * ``add(fd, data)`` starts watching a socket fd, ``remove(fd)`` stops (always
   before the fd is closed: epoll keys on the open file, which a dup keeps alive).
+  ``forget(fd)`` stops too, for an fd the caller is about to close and that no
+  other fd shares: epoll drops the registration itself when the file closes, so
+  ``EpollHub`` makes no ``epoll_ctl`` for it (the others remove it).
   ``data`` is what ``poll`` returns for the fd, as ``selectors`` returns a key's
   ``data`` (the worker registers the socket's endpoint). ``get(fd)`` is the data
   of a watched fd (None if it is not watched), ``watched()`` all of them, and
@@ -129,6 +132,10 @@ class EpollHub(_Watched):
         except (OSError, ValueError):
             pass
 
+    def forget(self, fd: int) -> None:
+        # Events the kernel reports for it until it is closed find no data: poll() drops them.
+        self._data.pop(fd, None)
+
     def interest(self, fd: int, read: bool, write: bool) -> None:
         if write:
             # Re-polling the fd sets the kernel's "no space" mark, so the socket
@@ -175,6 +182,8 @@ class SelectorHub(_Watched):
         self._data.pop(fd, None)
         if self._mask.pop(fd, 0):
             self._sel.unregister(fd)
+
+    forget = remove  # a selector keeps its own map: it must be told
 
     def interest(self, fd: int, read: bool, write: bool) -> None:
         old = self._mask.get(fd, 0)

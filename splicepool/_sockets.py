@@ -160,6 +160,33 @@ def wrap(fd: int) -> Any:
     return s
 
 
+_STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+def made(fd: int, family: int, peer: Any) -> tuple[Any, int, str]:
+    """(a non-blocking ``_socket.socket`` on ``fd``, its key, its label) for a connected
+    stream socket a caller made itself and hands over whole (``SplicePool.proxy_accepted``):
+    nothing is asked of it but its key (``fstat``) and what CPython checks when it wraps an
+    fd (``getsockname``). ``SOCK_NONBLOCK`` in the type tells the object what the caller
+    promised (the fd is non-blocking) without setting it again. ``peer``: its peer's
+    address, for the label (``fd 7 (-> 127.0.0.1:8000)``)."""
+    key = socket_key(fd)
+    sock = _socket.socket(family, _STREAM_NONBLOCK, 0, fileno=fd)
+    return sock, key, f"fd {fd} (-> {_fmt_addr(peer)})"
+
+
+def check_still_connected(sock: Any, fd: int, role: str) -> None:
+    """ENOTCONN, naming the socket as ``probe`` would, if ``sock`` has no peer (any more)."""
+    try:
+        sock.getpeername()
+    except OSError:
+        try:
+            where = _fmt_addr(sock.getsockname())
+        except OSError:
+            where = "unbound"
+        raise oserror(errno.ENOTCONN, f"{role} fd {fd} ({where}) is not connected") from None
+
+
 def probe(obj: Any, fd: int, role: str) -> SockInfo:
     """Inspect ``fd``; raise EBADF if it is not open, ENOTSOCK if it is not a socket."""
     try:

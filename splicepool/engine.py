@@ -480,7 +480,10 @@ class Worker:
         if self.hub.get(ep.fd) is not ep:
             return
         if self._mine(ep.src_of) is None and self._mine(ep.drain_of) is None:
-            self.hub.remove(ep.fd)
+            if ep.sole:  # closed once its last splice here is done: epoll forgets it then
+                self.hub.forget(ep.fd)
+            else:
+                self.hub.remove(ep.fd)
         else:
             self._update_interest(ep)
 

@@ -139,6 +139,7 @@ class SplicePool:
         self.registry = Registry()
         self._workers: list[Any] = [None] * self.options.workers
         self._next = 0
+        self._unwoken: list[Any] = []  # workers given relays with wake=False, not woken yet
         adopt = _native.hooks.adopt_hub
         if adopt is not None:  # gevent: workers' log records go to this thread's hub
             adopt()
@@ -260,6 +261,78 @@ class SplicePool:
         relay = Proxy(self, half_close)
         self._start(((a, a_info, b, b_info), (b, b_info, a, a_info)), 0, idle, True, wait, relay)
         return relay
+
+    def proxy_accepted(self, a: int, b: int, family: int, a_peer: Any, b_peer: Any, *,
+                       idle: float | None = None, wake: bool = True) -> Proxy:
+        """For the CLI's server (``ProxyServer``), not for library code: ``proxy(a, b,
+        wait=False)`` for two sockets the caller made itself, without probing them.
+
+        ``a`` is an fd the caller accepted, ``b`` one it connected (the connect complete):
+        both TCP stream sockets of ``family``, non-blocking, and no other fd refers to
+        either (the pool closes them). ``a_peer`` and ``b_peer`` are their peers'
+        addresses, for the sockets' labels in messages. Of all the checks of ``proxy()``
+        only one is made, as an accept loop cannot know it: that ``a`` is still connected
+        (a client may reset before its hand-over): ``OSError(ENOTCONN)`` if not, and the
+        caller still owns both fds. ``proxy()`` checks everything (docs/contract.md);
+        this saves an accept loop the 26 syscalls of probing two sockets it made itself.
+        ``wake=False`` queues the relay without waking its worker: the caller hands over
+        a burst, then calls ``wake_workers()`` once (one wakeup per worker per burst).
+        """
+        idle = _sockets.check_idle(idle)
+        _sockets.validate_limits(0, idle)
+        registry = self.registry
+        registry.check_open()
+        a_sock, a_key, a_label = _sockets.made(a, family, a_peer)
+        try:
+            _sockets.check_still_connected(a_sock, a, "a")
+            b_sock, b_key, b_label = _sockets.made(b, family, b_peer)
+        except BaseException:
+            a_sock.detach()
+            raise
+        relay = Proxy(self, True)
+        with registry.lock:
+            try:
+                registry.check_open()
+                index = self._next
+                worker = self._worker(index)
+                a_ep = registry.adopt(a_key, a, a_label, a_sock, 2)
+                try:
+                    b_ep = registry.adopt(b_key, b, b_label, b_sock, 2)
+                except BaseException:
+                    registry.forget(a_ep)
+                    raise
+            except BaseException:
+                a_sock.detach()
+                b_sock.detach()
+                raise
+            self._next = (index + 1) % len(self._workers)
+            copy = not self.options.zero_copy
+            idle = idle or None
+            forward = Splice(a, b, 0, idle, worker, copy)
+            reverse = Splice(b, a, 0, idle, worker, copy)
+            registry.claim_owned(forward, a_ep, b_ep)
+            registry.claim_owned(reverse, b_ep, a_ep)
+            relay.join(forward, reverse)
+            control = worker.control
+            control.append(engine.Add(forward, None))
+            control.append(engine.Add(reverse, None))
+            if wake:
+                worker.hub.wake()
+            elif worker not in self._unwoken:
+                self._unwoken.append(worker)
+        return relay
+
+    def wake_workers(self) -> None:
+        """Wake the workers ``proxy_accepted(..., wake=False)`` queued relays for (the
+        thread that queued them)."""
+        unwoken = self._unwoken
+        if not unwoken:
+            return
+        with self.registry.lock:  # a worker that has exited (accepting cleared) has no hub left
+            for worker in unwoken:
+                if worker.accepting:
+                    worker.hub.wake()
+            unwoken.clear()
 
     def _start(self, pairs: tuple[tuple[Any, SockInfo, Any, SockInfo], ...], max: int,
                idle: float | None, close: bool, wait: bool, relay: Proxy | None) -> list[Splice]:

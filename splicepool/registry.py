@@ -54,18 +54,20 @@ class Endpoint:
         "urgent",
         "src_of",
         "drain_of",
+        "sole",
     )
 
-    def __init__(self, info: SockInfo, fd: int, dup: bool) -> None:
-        self.key = info.key
+    def __init__(self, key: int, fd: int, label: str, dup: bool, connecting: bool,
+                 sock: Any = None) -> None:
+        self.key = key
         self.fd = fd
-        self.label = info.desc  # no role: it may be a source here and a drain there
+        self.label = label  # no role: it may be a source here and a drain there
         self.dup = dup  # fd is the pool's duplicate (closed by the pool)
         self.owned = False  # the caller handed the socket over: close its fd(s) too
         self.adopted: tuple[int, ...] = ()  # caller fds handed over besides self.fd (rare)
         self.refs = 0
         self.error = 0  # a socket error a drain check took off the socket (SO_ERROR clears it)
-        self.connecting = not info.connected
+        self.connecting = connecting
         self.outq = sys.platform.startswith("linux")  # SIOCOUTQ gives the drain's queue
         self.sndbuf = 0
         self.sndbuf_age = 1 << 30  # read SO_SNDBUF on the first pass
@@ -74,6 +76,13 @@ class Endpoint:
         self.urgent = False  # TCP urgent data was reported: reads may stop at its mark
         self.src_of: Any = None  # the live splice reading from it
         self.drain_of: Any = None  # the splice (not done) writing into it
+        # The pool holds the only fd of the socket (Registry.adopt): its close is the
+        # socket's close (no epoll_ctl DEL needed first, and it sends the FIN).
+        self.sole = False
+        if sock is not None:  # handed over whole, already non-blocking (Registry.adopt)
+            self.was_blocking = False
+            self.sock = sock
+            return
         self.was_blocking = os.get_blocking(fd)
         self.sock = _sockets.wrap(fd)
         try:
@@ -171,7 +180,7 @@ class Registry:
         ep = self._endpoints.get(info.key)
         if ep is None:
             if close:
-                ep = Endpoint(info, info.fd, dup=False)
+                ep = Endpoint(info.key, info.fd, info.desc, False, not info.connected)
             else:
                 try:
                     fd = os.dup(info.fd)
@@ -180,13 +189,29 @@ class Registry:
                 try:
                     if _sockets.socket_key(fd) != info.key:
                         raise oserror(errno.EBADF, f"{info.label} was closed during the call")
-                    ep = Endpoint(info, fd, dup=True)
+                    ep = Endpoint(info.key, fd, info.desc, True, not info.connected)
                 except BaseException:
                     _close(fd)
                     raise
             self._endpoints[info.key] = ep
         ep.refs += 1
         return ep
+
+    def adopt(self, key: int, fd: int, label: str, sock: Any, refs: int) -> Endpoint:
+        """A socket handed over whole by a caller that made it (``SplicePool.proxy_made``):
+        an owned endpoint on its ``sock``, used ``refs`` times. EBUSY, changing nothing, if
+        the pool holds that socket already (it cannot, for a socket the caller just made)."""
+        if key in self._endpoints:
+            raise oserror(errno.EBUSY, f"{label} is held by the pool already")
+        ep = Endpoint(key, fd, label, False, False, sock)
+        ep.owned = ep.sole = True
+        ep.refs = refs
+        self._endpoints[key] = ep
+        return ep
+
+    def forget(self, ep: Endpoint) -> None:
+        """Undo ``adopt`` (its caller keeps the socket)."""
+        del self._endpoints[ep.key]
 
     def put(self, ep: Endpoint) -> None:
         """Give back one use of ``ep``; the last one releases the socket."""
@@ -208,6 +233,14 @@ class Registry:
         src.src_of = sp
         dst.drain_of = sp
         self._records.pop(src_info.key, None)
+
+    def claim_owned(self, sp: Any, src: Endpoint, dst: Endpoint) -> None:
+        """``claim`` for adopted endpoints: the pool owns both, the caller keeps no fd."""
+        sp.src, sp.dst = src, dst
+        sp.user_fd = src.fd
+        src.src_of = sp
+        dst.drain_of = sp
+        self._records.pop(src.key, None)
 
     # -- letting go (the splice's worker) ---------------------------------------------------
     def source_ended(self, sp: Any) -> None:

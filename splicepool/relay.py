@@ -2,7 +2,8 @@
 
 When one direction reaches EOF, the other socket's write side is shut
 (``SHUT_WR``) so its peer sees the FIN, and the other direction keeps
-running. When both have ended, both sockets are closed. An error, an idle
+running (for the second direction of a relay whose sockets the pool alone
+holds, the close that follows at once sends that FIN). When both have ended, both sockets are closed. An error, an idle
 timeout, an unsplice or ``close()`` on either direction ends both, and then
 both sockets are closed with a reset (RST), as a transparent TCP path would:
 a peer must never mistake a cut relay for a complete transfer. The pool owns
@@ -96,7 +97,11 @@ class Proxy(Waitable):
         """``sp`` is about to be done; its sockets are still open."""
         other = sp.peer
         if sp.reason is EndReason.EOF and self.half_close:
-            # Forward the half-close: the peer behind the drain sees our FIN.
+            # Forward the half-close: the peer behind the drain sees our FIN. When the
+            # other direction is done (by EOF) and the pool holds the drain's only fd, the
+            # close that follows at once sends that FIN: no shutdown() needed first.
+            if self._left == 1 and self._first_reason is None and sp.dst.sole:
+                return
             try:
                 sp.dst.sock.shutdown(socket.SHUT_WR)
             except OSError:

@@ -2,7 +2,9 @@
 
 One thread accepts and connects, without blocking: a selector watches the
 listening socket, the upstream connects in progress and a wakeup fd. Each
-connection, once its upstream is connected, is handed to ``SplicePool.proxy``;
+connection, once its upstream is connected, is handed to the pool
+(``SplicePool.proxy_accepted``: ``proxy`` without probing the two sockets this
+loop made itself; an accept burst wakes each worker once, at its end);
 the pool's workers move every byte and the server only logs the result. Live
 counters are served as JSON (``/stats``) and Prometheus text (``/metrics``).
 """
@@ -244,7 +246,7 @@ class _Live:
 
 
 class ProxyServer:
-    """Accept on ``listen``, connect to a backend, splice the two with ``pool.proxy``.
+    """Accept on ``listen``, connect to a backend, splice the two with the ``pool``.
 
     ``connect`` is one ``(host, port)``, a list of them, or a ``Routes`` (several backends,
     balance, SNI routes, access lists, PROXY protocol: see ``splicepool.routes``). Names are
@@ -304,10 +306,17 @@ class ProxyServer:
                 "(every connection would loop back into the proxy)"
             )
         self.listener.setblocking(False)
+        self._family = int(self.listener.family)
+        # Accepted sockets inherit TCP_NODELAY from the listener (Linux, the BSDs): set once
+        # here, not once per accept; the first accepted socket says whether it was inherited.
+        self._nodelay_each = nodelay and not _set_nodelay(self.listener)
+        self._nodelay_checked = not nodelay
         self._sel = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wake_pending = False  # a byte is in the wakeup pipe that the loop has not read
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._accepting = False
+        self._burst = False  # in _accept: hand-overs wake their worker at the burst's end
         self._paused_until = 0.0
         self._ids = 0
         self._connecting: dict[int, _Conn] = {}  # upstream fd -> connection
@@ -365,6 +374,12 @@ class ProxyServer:
         self._wake()
 
     def _wake(self) -> None:
+        # One byte until the loop has read it: a burst of relays ending on the workers
+        # costs one write and one wakeup, not one each (the loop clears the flag after its
+        # read and before it looks at what was queued, so nothing queued is missed).
+        if self._wake_pending:
+            return
+        self._wake_pending = True
         try:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):
@@ -428,6 +443,7 @@ class ProxyServer:
                     os.read(self._wake_r, 4096)
                 except BlockingIOError:
                     pass
+                self._wake_pending = False
             elif data == "listen":
                 self._accept()
             elif data.stage == _HEAD:
@@ -497,6 +513,15 @@ class ProxyServer:
 
     # -- accepting ------------------------------------------------------------------
     def _accept(self) -> None:
+        """Accept a burst; the relays it hands over wake their worker once, at its end."""
+        self._burst = True
+        try:
+            self._accept_burst()
+        finally:
+            self._burst = False
+            self.pool.wake_workers()
+
+    def _accept_burst(self) -> None:
         routes = self.routes
         for _ in range(ACCEPT_BURST):
             if self._full():
@@ -514,11 +539,15 @@ class ProxyServer:
             self.counters.accepted += 1
             self._ids += 1
             conn = _Conn(self, self._ids, client, addr, time.monotonic(), routes)
-            if self.nodelay:
+            if not self._nodelay_checked:
+                self._nodelay_checked = True
                 try:
-                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    inherited = client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
                 except OSError:
-                    pass
+                    inherited = 1  # not TCP: nothing to set
+                self._nodelay_each = not inherited
+            if self._nodelay_each:
+                _set_nodelay(client)
             if routes.reads_head:
                 if routes.accept_proxy:
                     if routes.proxy_from and not routes.proxy_from.permits(conn.ip):
@@ -916,25 +945,28 @@ class ProxyServer:
             while conn.ai < len(addrs):
                 family, type_, proto, _, addr = addrs[conn.ai]
                 try:
-                    up = socket.socket(family, type_, proto)
+                    up = socket.socket(family, type_ | _NONBLOCK, proto)
                 except OSError as exc:
                     self._refuse(conn, "not_proxied", f"no socket for upstream ({exc.strerror}); closed")
                     self._release_backend(conn)
                     if exc.errno in (errno.EMFILE, errno.ENFILE):
                         self._paused_until = time.monotonic() + EMFILE_BACKOFF
                     return
-                up.setblocking(False)
+                if not _NONBLOCK:
+                    up.setblocking(False)
                 if self.nodelay:
-                    try:
-                        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    except OSError:
-                        pass
+                    _set_nodelay(up)
                 err = up.connect_ex(addr)
                 conn.upstream = up
                 if err in (0, errno.EISCONN):
                     self._connect_done(conn)
                     return
                 if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
+                    if _is_loopback(addr[0]) and _connected_now(up):
+                        # On loopback the handshake is done inside connect(): no wait for it
+                        # (a connect still in progress, or failed, is waited for below).
+                        self._connect_done(conn)
+                        return
                     conn.stage = _CONNECT
                     self._wait_upstream(conn, up)
                     return
@@ -1094,10 +1126,14 @@ class ProxyServer:
         conn.deadline = 0.0
         conn.stage = 0
         # The pool takes the bare fds (it owns them from here): no socket object
-        # per connection stays alive while it is proxied.
+        # per connection stays alive while it is proxied. It need not probe them: this
+        # loop made both (proxy_accepted), and both are non-blocking.
+        if client.gettimeout() != 0.0:
+            client.setblocking(False)
         a, b = client.detach(), up.detach()
         try:
-            relay = self.pool.proxy(a, b, idle=self.idle, wait=False)
+            relay = self.pool.proxy_accepted(a, b, self._family, conn.addr, conn.addrs[conn.ai][4],
+                                             idle=self.idle, wake=not self._burst)
         except (OSError, RuntimeError) as exc:
             os.close(a)
             os.close(b)
@@ -1414,6 +1450,31 @@ def _same_family(source: tuple[str, int], dest: tuple[str, int]) -> tuple[tuple[
         else:
             src = ("::ffff:" + src[0], src[1])
     return src, dst
+
+
+_NONBLOCK = getattr(socket, "SOCK_NONBLOCK", 0)  # a socket made non-blocking: no second syscall
+
+
+def _set_nodelay(sock: socket.socket) -> bool:
+    """TCP_NODELAY on ``sock``; False where it cannot be set (not TCP)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return False
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host == "::1" or host.startswith("::ffff:127.")
+
+
+def _connected_now(sock: socket.socket) -> bool:
+    """Whether a connect that said "in progress" has completed already."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
 
 
 class OutOfFds(Exception):
