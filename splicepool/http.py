@@ -398,14 +398,10 @@ class HttpProxyServer(ProxyServer):
                     return did
                 did = True
             elif state == _LINE:
-                try:
-                    chunk = http1.parse_chunk_line(leg.inbuf)
-                except HttpError as exc:
-                    self._bad_body(s, leg, str(exc))
-                    return True
+                chunk = self._body_part(s, leg, http1.parse_chunk_line)
                 if chunk is None:
-                    if not self._more(s, leg):
-                        return did
+                    return did
+                if chunk is _MORE:
                     continue
                 del leg.inbuf[: chunk.length]
                 if not leg.dechunk:
@@ -415,41 +411,35 @@ class HttpProxyServer(ProxyServer):
                 else:
                     leg.state = _TRAILERS
                 did = True
-            elif state == _END:
-                if len(leg.inbuf) < 2:
-                    if not self._more(s, leg):
-                        return did
-                    continue
-                try:
-                    http1.check_chunk_end(leg.inbuf[:2])
-                except HttpError as exc:
-                    self._bad_body(s, leg, str(exc))
-                    return True
-                del leg.inbuf[:2]
-                if not leg.dechunk:
-                    leg.out += http1.CHUNK_END
-                leg.state = _LINE
-                did = True
-            elif state == _TRAILERS:
-                try:
-                    n = http1.parse_trailers(leg.inbuf)
-                except HttpError as exc:
-                    self._bad_body(s, leg, str(exc))
-                    return True
+            elif state == _END or state == _TRAILERS:
+                n = self._body_part(s, leg, _chunk_end if state == _END else http1.parse_trailers)
                 if n is None:
-                    if not self._more(s, leg):
-                        return did
+                    return did
+                if n is _MORE:
                     continue
                 if not leg.dechunk:
-                    leg.out += leg.inbuf[:n]
+                    leg.out += http1.CHUNK_END if state == _END else leg.inbuf[:n]
                 del leg.inbuf[:n]
-                leg.state = _DONE
+                leg.state = _LINE if state == _END else _DONE
                 did = True
             else:  # _IDLE, _DONE: what is left to write
                 if leg.out and self._flush_out(s, leg):
                     did = True
                 return did
         return did
+
+    def _body_part(self, s: _Session, leg: _Leg, parse: Any) -> Any:
+        """``parse(leg.inbuf)`` (a chunk line, a chunk's CRLF, the trailers): what it gives;
+        ``_MORE`` when more bytes came in (parse again); None to stop here (waiting for
+        bytes, or the session ended on a malformed body)."""
+        try:
+            got = parse(leg.inbuf)
+        except HttpError as exc:
+            self._bad_body(s, leg, str(exc))
+            return None
+        if got is None:
+            return _MORE if self._more(s, leg) else None
+        return got
 
     def _flush_out(self, s: _Session, leg: _Leg) -> bool:
         """Write ``leg.out`` if its destination can take it now; True once it is all written."""
@@ -976,10 +966,16 @@ class HttpProxyServer(ProxyServer):
         self._clear_deadline(s)
 
     def _bad_body(self, s: _Session, leg: _Leg, detail: str) -> None:
-        if leg is s.rq:
-            self._abort(s, f"bad request body: {detail}")
-        else:
-            self._abort(s, f"bad response body: {detail}")
+        """A malformed chunk line, chunk end or trailer: answered 400 (the request's) or 502
+        (the response's) while nothing of a response has reached the client, else both
+        connections reset."""
+        which = "request" if leg is s.rq else "response"
+        if s.rs.moved:
+            self._abort(s, f"bad {which} body: {detail}")
+            return
+        s.rs.out.clear()  # the start of the bad response, never sent
+        s.resp = None
+        self._answer(s, 400 if leg is s.rq else 502, f"bad {which} body: {detail}")
 
     def _abort(self, s: _Session, detail: str) -> None:
         """Something failed mid-exchange: RST both connections."""
@@ -1295,6 +1291,17 @@ _HTTP_METRICS = (  # name, type, help, the /stats "http" key
      "upstream_retried"),
     ("http_upstream_idle", "gauge", "Idle upstream connections kept for the next client.", "upstream_idle"),
 )
+
+
+_MORE = object()  # _body_part: more bytes came in, parse again
+
+
+def _chunk_end(buf: bytearray) -> int | None:
+    """The CRLF after a chunk's data: 2 (the bytes it takes), None while incomplete."""
+    if len(buf) < 2:
+        return None
+    http1.check_chunk_end(buf[:2])
+    return 2
 
 
 def _unsplice(sp: Splice) -> None:

@@ -840,3 +840,48 @@ def test_a_client_that_stops_reading_stalls_no_one_else(nginx, start_http):
         reader.fp.close()  # else the makefile keeps the socket open past its close()
     proxy.wait_stats(live=1, finished=1)  # the stalled one, still there
     stalled.close()
+
+
+@pytest.mark.parametrize("tail,why", [(b"5\r\nhelloXX", "chunk"), (b"zz\r\n", "chunk size"),
+                                      (b"0\r\nBad Trailer\r\n\r\n", "trailer")])
+def test_malformed_chunked_response_is_a_502_before_any_byte_goes(start_http, upstreams, tail, why):
+    """Nothing of a response whose body turns out malformed has gone to the client yet
+    (its head and first chunk wait to go out in one write): the client gets a 502."""
+    def bad(conn: socket.socket) -> None:
+        read_head(conn)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + tail)
+        conn.recv(1)
+
+    up = upstreams(bad)
+    proxy = start_http(connect=up.addr)
+    with connect(proxy) as sock:
+        sock.sendall(request("GET", "/c"))
+        got = recv_until_eof(sock)
+    assert got.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), got[:60]
+    (line,) = wait_lines(proxy, 1)
+    assert line["status"] == "502" and "bad response body" in line["error"]
+    assert why in line["error"].lower()
+
+
+def test_malformed_chunked_request_is_a_400_and_never_completes_upstream(start_http, upstreams):
+    seen: list[bytes] = []
+
+    def sink(conn: socket.socket) -> None:
+        data = b""
+        try:
+            while chunk := conn.recv(65536):
+                data += chunk
+        except ConnectionResetError:
+            data += b"<RST>"
+        seen.append(data)
+
+    up = upstreams(sink)
+    proxy = start_http(connect=up.addr)
+    with connect(proxy) as sock:
+        sock.sendall(request("POST", "/u", {"Transfer-Encoding": "chunked"}) + b"3\r\nabc\r\nnot-hex\r\n")
+        got = recv_until_eof(sock)
+    assert got.startswith(b"HTTP/1.1 400 Bad Request\r\n"), got[:60]
+    (line,) = wait_lines(proxy, 1)
+    assert line["status"] == "400" and "bad request body" in line["error"]
+    wait_until(lambda: len(seen) == up.accepted, 5, "the upstream connection's end")
+    assert not any(data.endswith(b"0\r\n\r\n") for data in seen)  # no body ever ended there
