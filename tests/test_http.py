@@ -699,20 +699,7 @@ def test_upload_keeps_the_connection_for_the_next_request(nginx, start_http):
 def test_balance_picks_the_backend_and_idle_connections_follow_it(start_http, upstreams):
     """Two backends, roundrobin: each client's request goes to the backend the balance
     chose, over an idle connection to that backend when there is one."""
-    served: list[str] = []
-
-    def named(name: str):
-        def answer(conn: socket.socket) -> None:
-            while True:
-                try:
-                    read_head(conn)
-                except EOFError:
-                    return
-                served.append(name)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n" + name.encode())
-        return answer
-
-    a, b = upstreams(named("a")), upstreams(named("b"))
+    a, b = upstreams(lambda conn: _serve_named(conn, "a")), upstreams(lambda conn: _serve_named(conn, "b"))
     proxy = start_http("--connect", a.addr, "--connect", b.addr)
     bodies = []
     for _ in range(6):
@@ -885,3 +872,39 @@ def test_malformed_chunked_request_is_a_400_and_never_completes_upstream(start_h
     assert line["status"] == "400" and "bad request body" in line["error"]
     wait_until(lambda: len(seen) == up.accepted, 5, "the upstream connection's end")
     assert not any(data.endswith(b"0\r\n\r\n") for data in seen)  # no body ever ended there
+
+
+def test_sighup_moves_new_clients_to_the_reloaded_backends(start_http, upstreams, tmp_path):
+    """--config and SIGHUP: a client connected before keeps its backend (and its kept
+    connection); clients after the reload go to the new one; idle connections to the old
+    backend are not handed to them."""
+    old, new = upstreams(lambda conn: _serve_named(conn, "old")), upstreams(lambda conn: _serve_named(conn, "new"))
+    config = tmp_path / "http.toml"
+    config.write_text(f'connect = ["{old.addr}"]\n')
+    proxy = start_http("--config", str(config))
+    with connect(proxy) as parked:  # leaves an idle connection to old behind
+        parked.sendall(request("GET", "/", {"Connection": "close"}))
+        assert read_response(_Unclosable(parked))[1] == b"old"
+    before = connect(proxy)
+    before_reader = _Unclosable(before)
+    before.sendall(request("GET", "/"))
+    assert read_response(before_reader)[1] == b"old"
+    config.write_text(f'connect = ["{new.addr}"]\n')
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_log(rf" INFO reloaded: proxying to {re.escape(new.addr)}")
+    with connect(proxy) as after:
+        after.sendall(request("GET", "/"))
+        assert read_response(_Unclosable(after))[1] == b"new"
+    before.sendall(request("GET", "/"))
+    assert read_response(before_reader)[1] == b"old"
+    before_reader.fp.close()
+    before.close()
+
+
+def _serve_named(conn: socket.socket, name: str) -> None:
+    while True:
+        try:
+            read_head(conn)
+        except (EOFError, OSError):
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(name) + name.encode())
