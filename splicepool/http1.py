@@ -828,13 +828,16 @@ def _drop_set(head: RequestHead | ResponseHead) -> set[bytes]:
 
 
 def _serialise(start_line: bytes, fields: list[tuple[bytes, bytes]]) -> bytes:
-    out = [start_line]
-    for name, value in fields:
-        if not _TOKEN.fullmatch(name) or not _SAFE_TEXT.fullmatch(value):
-            raise ValueError(f"header {name!r}: {value!r} cannot be sent (not a token, or CR/LF/NUL)")
-        out.append(name + b": " + value + b"\r\n")
-    out.append(b"\r\n")
-    return b"".join(out)
+    names = [name for name, _ in fields]
+    # Two passes of a regex in all: the names joined are a token only if each is (and none
+    # is empty), the values joined hold no CR, LF or NUL only if none does; the field at
+    # fault is looked for only when one fails.
+    if fields and not (all(names) and _TOKEN.fullmatch(b"".join(names))
+                       and _SAFE_TEXT.fullmatch(b"".join([value for _, value in fields]))):
+        for name, value in fields:
+            if not _TOKEN.fullmatch(name) or not _SAFE_TEXT.fullmatch(value):
+                raise ValueError(f"header {name!r}: {value!r} cannot be sent (not a token, or CR/LF/NUL)")
+    return b"".join([start_line, *[name + b": " + value + b"\r\n" for name, value in fields], b"\r\n"])
 
 
 def proxy_request_head(
