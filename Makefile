@@ -34,11 +34,12 @@ lint: install
 soak: install
 	SPLICEPOOL_SOAK=1 $(PY) -m pytest -q -m soak --timeout=1800
 
-# splicepool's proxy against a direct connection, a thread and an asyncio relay, and (installed
-# with apt-get when run as root, else skipped with a line saying so) HAProxy and socat; then
-# the SOCKS5 front door against pproxy (PyPI, the bench extra); then the HTTP/1.1 front door
-# (splicepool http, once this checkout has it) against HAProxy, nginx and an aiohttp proxy
-# (apt-get install nginx-light haproxy wrk; aiohttp is in the bench extra).
+# splicepool's proxy against a direct connection, a thread and an asyncio relay, HAProxy
+# (splicing and not), a Go relay and socat; then the SOCKS5 front door against pproxy (PyPI,
+# the bench extra); then the HTTP/1.1 front door against HAProxy, nginx and an aiohttp proxy
+# (aiohttp is in the bench extra). As root, compare.py --install-peers first installs with
+# apt-get what is missing of haproxy socat iperf3 golang-go nginx-light wrk curl; elsewhere a
+# peer that is missing is skipped with a line saying what to install.
 bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/compare.py --install-peers $(BENCH_ARGS)

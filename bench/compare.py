@@ -707,19 +707,25 @@ def machine() -> dict:
     }
 
 
+# What `make bench` runs besides splicepool: this script's peers and load generators, and
+# those of bench/http_bench.py (nginx, wrk) and bench/socks_bench.py (curl), which it runs next.
+APT_PEERS = ["haproxy", "socat", "iperf3", "golang-go", "nginx-light", "wrk", "curl"]
+
+
 def install_peers() -> None:
+    names = " ".join(APT_PEERS)
     if os.geteuid() != 0:
-        print("--install-peers: not root, not installing (run: apt-get install haproxy socat iperf3 golang-go)")
+        print(f"--install-peers: not root, not installing (run: apt-get install {names})")
         return
     if not shutil.which("apt-get"):
-        print("--install-peers: no apt-get here; install haproxy, socat, iperf3 and golang-go yourself")
+        print(f"--install-peers: no apt-get here; install {names} yourself")
         return
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    argv = ["apt-get", "install", "-y", "-q", "haproxy", "socat", "iperf3", "golang-go"]
+    argv = ["apt-get", "install", "-y", "-q", *APT_PEERS]
     for attempt in (argv, ["apt-get", "update", "-q"], argv):
         done = subprocess.run(attempt, env=env, capture_output=True, text=True, timeout=900)
         if done.returncode == 0 and attempt is argv:
-            print("--install-peers: haproxy, socat, iperf3 and golang-go installed")
+            print(f"--install-peers: {names} installed")
             return
     print(f"--install-peers: apt-get failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
 
@@ -876,7 +882,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="raw results (default: "
                         "bench/results/compare-TIMESTAMP.json)")
     parser.add_argument("--install-peers", action="store_true",
-                        help="as root with apt-get: install haproxy, socat and iperf3 first")
+                        help="as root with apt-get: install the peers and load generators of "
+                        "make bench first (" + ", ".join(APT_PEERS) + ")")
     parser.add_argument("--profile", metavar="OUT.svg",
                         help="instead of comparing: py-spy flame graph of the splicepool proxy "
                         "under a 1-stream bulk load")
