@@ -116,7 +116,7 @@ class _Session:
                  "started", "t0", "requests", "deadline", "waiting", "cmask", "umask", "closed",
                  "replay", "lingering", "upgrade", "tunnel", "order", "bi", "addrs", "ai",
                  "connecting", "errors", "timed_out", "ending", "status", "error", "reason", "logged", "early",
-                 "idle_since")
+                 "idle_since", "timer")
 
     def __init__(self, server: HttpProxyServer, id: int, client: socket.socket, peer: str, ip: str,
                  routes: Routes) -> None:
@@ -165,6 +165,7 @@ class _Session:
         self.logged = False  # the exchange in progress has had its log line
         self.early = False  # its final response came before its request's end, for sure
         self.idle_since = 0.0  # when the upstream connection held between requests went idle
+        self.timer = 0.0  # when the session's entry in the server's heap of deadlines is due
 
 
 class _Idle:
@@ -320,12 +321,19 @@ class HttpProxyServer(ProxyServer):
         timers = self._timers
         while timers and timers[0][0] <= now:
             when, _, s = heapq.heappop(timers)
-            if s.deadline == when and not s.closed:
-                s.deadline = 0.0
-                try:
-                    self._timed_out(s)
-                except Exception:
-                    self._crashed(s)
+            if when != s.timer or s.closed:
+                continue  # an earlier entry of the session's took its place
+            s.timer = 0.0
+            if not s.deadline:
+                continue  # cleared
+            if s.deadline > now:  # moved later since: one entry again, at the new time
+                self._push_timer(s, s.deadline)
+                continue
+            s.deadline = 0.0
+            try:
+                self._timed_out(s)
+            except Exception:
+                self._crashed(s)
         if self._next_purge and now >= self._next_purge:
             self._purge_idle(now)
         self._set_accepting(not self._stopping and not self._paused_until and not self._full())
@@ -1190,9 +1198,17 @@ class HttpProxyServer(ProxyServer):
         if seconds == float("inf"):
             s.deadline = 0.0
             return
-        s.deadline = time.monotonic() + seconds
+        s.deadline = when = time.monotonic() + seconds
+        if not s.timer or when < s.timer:
+            self._push_timer(s, when)
+
+    def _push_timer(self, s: _Session, when: float) -> None:
+        """One entry in the heap per session, at most: a deadline moved later (the next
+        request's, say) is found when the entry comes due and pushed again then, so a busy
+        keep-alive connection does not leave two stale entries per request behind."""
+        s.timer = when
         self._seq += 1
-        heapq.heappush(self._timers, (s.deadline, self._seq, s))
+        heapq.heappush(self._timers, (when, self._seq, s))
 
     @staticmethod
     def _clear_deadline(s: _Session) -> None:
@@ -1280,6 +1296,7 @@ class HttpProxyServer(ProxyServer):
             "upstream_reused": self.reused,
             "upstream_retried": self.retried,
             "upstream_idle": sum(len(v) for v in self._idle_up.values()),
+            "deadlines": len(self._timers),  # entries in the heap of deadlines (one per session at most, and a few stale ones)
         }
         return st
 

@@ -908,3 +908,17 @@ def _serve_named(conn: socket.socket, name: str) -> None:
         except (EOFError, OSError):
             return
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(name) + name.encode())
+
+
+def test_a_busy_keepalive_connection_leaves_no_pile_of_deadlines(start_http, upstreams):
+    """Each request sets two deadlines (the next request's, the response's): the heap keeps
+    one entry per session, not two per request until they come due a minute later."""
+    up = upstreams(lambda conn: _serve_named(conn, "x"))
+    proxy = start_http(connect=up.addr)
+    with connect(proxy) as sock:
+        reader = _Unclosable(sock)
+        for _ in range(300):
+            sock.sendall(request("GET", "/"))
+            assert read_response(reader)[1] == b"x"
+        assert proxy.stats()["http"]["deadlines"] <= 2
+        reader.fp.close()
