@@ -1185,13 +1185,15 @@ class HttpProxyServer(ProxyServer):
         if s.backend is not None:
             s.backend.bytes_up += up
             s.backend.bytes_down += down
+        quiet = not s.error or status == 400 or s.reason == "client_gone"  # the client's doing
+        level = logging.INFO if quiet else logging.WARNING
+        if not log.isEnabledFor(level):
+            return  # the line is not made at all: a proxy without access log spends nothing on it
         target = s.sockaddr if s.backend is not None and s.sockaddr is not None else "-"
         line = "-" if req is _NO_REQUEST else printable(f"{req.method} {req.target} HTTP/{req.version}")
         error = f" error={printable(s.error)}" if s.error else ""
-        quiet = not s.error or status == 400 or s.reason == "client_gone"  # the client's doing
-        log.log(logging.INFO if quiet else logging.WARNING,
-                'conn %d %s -> %s "%s" %s up=%d down=%d duration=%.3fs%s', s.id, s.peer, target,
-                line, status or "-", up, down, time.monotonic() - s.t0, error)
+        log.log(level, 'conn %d %s -> %s "%s" %s up=%d down=%d duration=%.3fs%s', s.id, s.peer,
+                target, line, status or "-", up, down, time.monotonic() - s.t0, error)
 
     def _set_deadline(self, s: _Session, seconds: float, what: str) -> None:
         s.waiting = what
