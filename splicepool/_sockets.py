@@ -163,16 +163,22 @@ def wrap(fd: int) -> Any:
 _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 
 
-def made(fd: int, family: int, peer: Any) -> tuple[Any, int, str]:
-    """(a non-blocking ``_socket.socket`` on ``fd``, its key, its label) for a connected
-    stream socket a caller made itself and hands over whole (``SplicePool.proxy_accepted``):
-    nothing is asked of it but its key (``fstat``) and what CPython checks when it wraps an
-    fd (``getsockname``). ``SOCK_NONBLOCK`` in the type tells the object what the caller
-    promised (the fd is non-blocking) without setting it again. ``peer``: its peer's
-    address, for the label (``fd 7 (-> 127.0.0.1:8000)``)."""
+def made(fd: int, family: int) -> tuple[Any, int]:
+    """(a non-blocking ``_socket.socket`` on ``fd``, its key) for a connected stream socket
+    a caller made itself and hands over whole (``SplicePool.proxy_accepted``): nothing is
+    asked of it but its key (``fstat``) and what CPython checks when it wraps an fd
+    (``getsockname``). ``SOCK_NONBLOCK`` in the type tells the object what the caller
+    promised (the fd is non-blocking) without setting it again. Its label is
+    ``made_label``'s, made only when a message needs it."""
     key = socket_key(fd)
     sock = _socket.socket(family, _STREAM_NONBLOCK, 0, fileno=fd)
-    return sock, key, f"fd {fd} (-> {_fmt_addr(peer)})"
+    return sock, key
+
+
+def made_label(fd: int, peer: Any) -> str:
+    """The label of a socket ``made``: ``fd 7 (-> 127.0.0.1:8000)``. ``peer``: its peer's
+    address, or that address as text already (``HOST:PORT``, ``[V6]:PORT``)."""
+    return f"fd {fd} (-> {peer if isinstance(peer, str) else _fmt_addr(peer)})"
 
 
 def check_still_connected(sock: Any, fd: int, role: str) -> None:

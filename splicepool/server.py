@@ -1132,7 +1132,7 @@ class ProxyServer:
             client.setblocking(False)
         a, b = client.detach(), up.detach()
         try:
-            relay = self.pool.proxy_accepted(a, b, self._family, conn.addr, conn.addrs[conn.ai][4],
+            relay = self.pool.proxy_accepted(a, b, self._family, conn.peer, conn.addrs[conn.ai][4],
                                              idle=self.idle, wake=not self._burst)
         except (OSError, RuntimeError) as exc:
             os.close(a)
