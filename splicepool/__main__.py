@@ -12,7 +12,7 @@ import sys
 import time
 
 from .acl import AccessList
-from .backends import BALANCES
+from .backends import BALANCES, lookup_host
 from .pool import SplicePool
 from .routes import HEAD_TIMEOUT, Routes, SocksPolicy, sni_name
 from .server import (
@@ -210,11 +210,38 @@ class ConfigError(ValueError):
     """The options (from the command line and the --config file) are wrong; the message says how."""
 
 
+def _columns() -> int:
+    """The terminal's width as ``shutil.get_terminal_size`` says it ($COLUMNS, else stdout's
+    terminal, else 80), without importing shutil."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
+def _sized(formatter_class: Any) -> Any:
+    """``formatter_class`` given its width: argparse's own formatter, given none, imports
+    shutil for it (and shutil zlib, bz2 and lzma: ~1 MiB of RSS), and argparse makes one per
+    add_argument (to check the metavar), so every proxy process would carry them."""
+
+    def make(prog: str) -> Any:
+        return formatter_class(prog, width=_columns() - 2)
+
+    return make
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser that raises ConfigError instead of exiting, when ``raising``
-    (a reload must never end the proxy over a bad file)."""
+    (a reload must never end the proxy over a bad file), and that never imports shutil."""
 
     def __init__(self, *args: Any, raising: bool = False, **kwargs: Any) -> None:
+        kwargs["formatter_class"] = _sized(kwargs.get("formatter_class", argparse.HelpFormatter))
         super().__init__(*args, **kwargs)
         self.raising = raising
 
@@ -743,7 +770,7 @@ def _how_it_died(status: int) -> str:
 def _looping_backend(listen: tuple[str, int], routes: Routes) -> str | None:
     """The name of a backend of ``routes`` that is the ``listen`` address itself (a wildcard
     listen included), or None; OSError when ``listen`` does not resolve."""
-    listens = socket.getaddrinfo(*listen, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[:1]
+    listens = socket.getaddrinfo(lookup_host(listen[0]), listen[1], type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[:1]
     for backend in routes.backends:
         if any(loops_back(where[4], up[4]) for where in listens for up in backend.addresses):
             return backend.name

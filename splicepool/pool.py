@@ -270,7 +270,8 @@ class SplicePool:
         ``a`` is an fd the caller accepted, ``b`` one it connected (the connect complete):
         both TCP stream sockets of ``family``, non-blocking, and no other fd refers to
         either (the pool closes them). ``a_peer`` and ``b_peer`` are their peers'
-        addresses, for the sockets' labels in messages. Of all the checks of ``proxy()``
+        addresses (or those as text already, ``HOST:PORT``), for the sockets' labels in
+        messages: kept, not copied (the server passes what it keeps anyway). Of all the checks of ``proxy()``
         only one is made, as an accept loop cannot know it: that ``a`` is still connected
         (a client may reset before its hand-over): ``OSError(ENOTCONN)`` if not, and the
         caller still owns both fds. ``proxy()`` checks everything (docs/contract.md);
@@ -282,10 +283,10 @@ class SplicePool:
         _sockets.validate_limits(0, idle)
         registry = self.registry
         registry.check_open()
-        a_sock, a_key, a_label = _sockets.made(a, family, a_peer)
+        a_sock, a_key = _sockets.made(a, family)
         try:
             _sockets.check_still_connected(a_sock, a, "a")
-            b_sock, b_key, b_label = _sockets.made(b, family, b_peer)
+            b_sock, b_key = _sockets.made(b, family)
         except BaseException:
             a_sock.detach()
             raise
@@ -295,9 +296,9 @@ class SplicePool:
                 registry.check_open()
                 index = self._next
                 worker = self._worker(index)
-                a_ep = registry.adopt(a_key, a, a_label, a_sock, 2)
+                a_ep = registry.adopt(a_key, a, a_peer, a_sock, 2)
                 try:
-                    b_ep = registry.adopt(b_key, b, b_label, b_sock, 2)
+                    b_ep = registry.adopt(b_key, b, b_peer, b_sock, 2)
                 except BaseException:
                     registry.forget(a_ep)
                     raise

@@ -38,7 +38,8 @@ class Endpoint:
         "key",
         "fd",
         "sock",
-        "label",
+        "given_label",
+        "peer",
         "error",
         "dup",
         "owned",
@@ -57,11 +58,12 @@ class Endpoint:
         "sole",
     )
 
-    def __init__(self, key: int, fd: int, label: str, dup: bool, connecting: bool,
+    def __init__(self, key: int, fd: int, label: str | None, dup: bool, connecting: bool,
                  sock: Any = None) -> None:
         self.key = key
         self.fd = fd
-        self.label = label  # no role: it may be a source here and a drain there
+        self.given_label = label  # no role: it may be a source here and a drain there
+        self.peer: Any = None  # adopted: its peer, for a label made only when asked (label)
         self.dup = dup  # fd is the pool's duplicate (closed by the pool)
         self.owned = False  # the caller handed the socket over: close its fd(s) too
         self.adopted: tuple[int, ...] = ()  # caller fds handed over besides self.fd (rare)
@@ -90,6 +92,15 @@ class Endpoint:
         except BaseException:
             self.sock.detach()
             raise
+
+    @property
+    def label(self) -> str:
+        """The socket as messages name it (``fd 7 (-> 127.0.0.1:8000)``). An adopted socket's
+        is made when asked, from its ``peer``: a message is rare, and the caller keeps that
+        address anyway (the server: the client as it logs it, the backend's address), where
+        a string each would be 154 bytes per proxied connection."""
+        label = self.given_label
+        return label if label is not None else _sockets.made_label(self.fd, self.peer)
 
     def release(self) -> None:
         """The last splice using it is done: restore the blocking mode, close what the pool holds."""
@@ -197,13 +208,15 @@ class Registry:
         ep.refs += 1
         return ep
 
-    def adopt(self, key: int, fd: int, label: str, sock: Any, refs: int) -> Endpoint:
+    def adopt(self, key: int, fd: int, peer: Any, sock: Any, refs: int) -> Endpoint:
         """A socket handed over whole by a caller that made it (``SplicePool.proxy_made``):
-        an owned endpoint on its ``sock``, used ``refs`` times. EBUSY, changing nothing, if
-        the pool holds that socket already (it cannot, for a socket the caller just made)."""
+        an owned endpoint on its ``sock``, used ``refs`` times, labelled by its ``peer``
+        (``_sockets.made_label``). EBUSY, changing nothing, if the pool holds that socket
+        already (it cannot, for a socket the caller just made)."""
         if key in self._endpoints:
-            raise oserror(errno.EBUSY, f"{label} is held by the pool already")
-        ep = Endpoint(key, fd, label, False, False, sock)
+            raise oserror(errno.EBUSY, f"{_sockets.made_label(fd, peer)} is held by the pool already")
+        ep = Endpoint(key, fd, None, False, False, sock)
+        ep.peer = peer
         ep.owned = ep.sole = True
         ep.refs = refs
         self._endpoints[key] = ep

@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from ._sockets import MSG_NOSIGNAL
-from .backends import Backend, HealthChecker, Resolver
+from .backends import Backend, HealthChecker, Resolver, lookup_host
 from .pool import SplicePool
 from .relay import Proxy
 from .routes import PROXY_HEADER_MAX, Routes
@@ -1132,7 +1132,7 @@ class ProxyServer:
             client.setblocking(False)
         a, b = client.detach(), up.detach()
         try:
-            relay = self.pool.proxy_accepted(a, b, self._family, conn.addr, conn.addrs[conn.ai][4],
+            relay = self.pool.proxy_accepted(a, b, self._family, conn.peer, conn.addrs[conn.ai][4],
                                              idle=self.idle, wake=not self._burst)
         except (OSError, RuntimeError) as exc:
             os.close(a)
@@ -1503,7 +1503,7 @@ def resolve(address: tuple[str, int]) -> list[tuple[Any, ...]]:
     """Every address ``getaddrinfo`` gives for a TCP ``(host, port)``, in its order, once each."""
     seen: set[Any] = set()
     infos = []
-    for info in socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM):
+    for info in socket.getaddrinfo(lookup_host(address[0]), address[1], type=socket.SOCK_STREAM):
         if info[4] not in seen:
             seen.add(info[4])
             infos.append(info)
@@ -1512,7 +1512,7 @@ def resolve(address: tuple[str, int]) -> list[tuple[Any, ...]]:
 
 def _listen(address: tuple[str, int], reuse_port: bool, backlog: int) -> socket.socket:
     host, port = address
-    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    info = socket.getaddrinfo(lookup_host(host), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(info[0], socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

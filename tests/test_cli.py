@@ -884,3 +884,39 @@ def test_the_proxy_process_loads_no_heavy_module_it_does_not_use():
                          timeout=30)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_parsing_the_options_and_resolving_names_load_no_codec_or_archive_module():
+    """argparse's formatter imports shutil (and shutil zlib, bz2 and lzma) for the terminal's
+    width, once per add_argument; getaddrinfo given a str host imports the IDNA codec (and
+    stringprep and unicodedata): ~1.8 MiB together, for the proxy's whole life, that a plain
+    proxy needs none of."""
+    code = (
+        "import sys, splicepool.__main__ as m\n"
+        "from splicepool.server import resolve\n"
+        "args = m.load_args(['proxy', '--listen', '127.0.0.1:0', '--connect', 'localhost:9'])\n"
+        "m.build_routes(args)\n"
+        "resolve(('localhost', 9))\n"
+        "print(sorted(m for m in ('shutil', 'zlib', 'bz2', 'lzma', 'encodings.idna', 'stringprep',"
+        " 'unicodedata') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_help_is_as_wide_as_columns_says():
+    """The parser measures the terminal without shutil, as shutil would: $COLUMNS first."""
+    narrow = subprocess.run([sys.executable, "-m", "splicepool", "proxy", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "COLUMNS": "50"})
+    wide = subprocess.run([sys.executable, "-m", "splicepool", "proxy", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert narrow.returncode == wide.returncode == 0
+
+    def usage(text: str) -> list[str]:  # the usage lines: the epilog is laid out by hand
+        return text.split("\n\n")[0].splitlines()
+
+    assert len(usage(narrow.stdout)) > len(usage(wide.stdout))  # wrapped at 50, not at 200

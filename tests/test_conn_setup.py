@@ -72,6 +72,27 @@ def test_proxy_accepted_relays_every_byte_both_ways_and_closes_both(listeners):
     far.close()
 
 
+def test_proxy_accepted_keeps_the_peers_it_is_given_and_labels_from_them_when_asked(listeners):
+    """No label string per socket while a connection idles (issue 13, idle memory): the
+    endpoints keep the very peer objects given (the server's: the client as it logs it, the
+    backend's address) and a message's label is made from them, as before."""
+    front, back = listeners
+    client, accepted = _accepted_pair(front)
+    up, far = _connected(back)
+    with SplicePool(workers=1) as pool:
+        a, b = accepted.detach(), up.detach()
+        a_peer, b_peer = f"127.0.0.1:{client.getsockname()[1]}", far.getsockname()
+        relay = pool.proxy_accepted(a, b, socket.AF_INET, a_peer, b_peer)
+        src, dst = relay.forward.src, relay.forward.dst
+        assert src.peer is a_peer and dst.peer is b_peer
+        assert src.label == f"fd {a} (-> {a_peer})"
+        assert dst.label == f"fd {b} (-> 127.0.0.1:{b_peer[1]})"
+        assert str(src.fd) in repr(relay.forward) and a_peer in repr(relay.forward)
+        client.close()
+        far.close()
+        assert relay.wait(10).name == "EOF"
+
+
 def test_proxy_accepted_probes_neither_socket(listeners, monkeypatch):
     def no_probe(*args, **kwargs):
         raise AssertionError("proxy_accepted must not probe")
