@@ -209,7 +209,7 @@ class Registry:
         return ep
 
     def adopt(self, key: int, fd: int, peer: Any, sock: Any, refs: int) -> Endpoint:
-        """A socket handed over whole by a caller that made it (``SplicePool.proxy_made``):
+        """A socket handed over whole by a caller that made it (``SplicePool.proxy_accepted``):
         an owned endpoint on its ``sock``, used ``refs`` times, labelled by its ``peer``
         (``_sockets.made_label``). EBUSY, changing nothing, if the pool holds that socket
         already (it cannot, for a socket the caller just made)."""
