@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import stat
+import struct
 import sys
 from collections import namedtuple
 
@@ -314,6 +315,17 @@ _SIOCATMARK = 0x8905  # is the next byte to read at the TCP urgent mark?
 _SNDBUF_REFRESH = 32  # passes between re-reads of the drain's SO_SNDBUF (TCP autotuning grows it)
 _LOW_WATER_MAX = 64 * 1024  # below this much drain space (and less than wanted), wait for the drain
 MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+_LINGER_ZERO = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """Make ``sock``'s last close send a RST, not a FIN that would pass for a complete
+    transfer (SO_LINGER 0). A socket that has none to send (AF_UNIX, already reset) is left
+    as it is."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    except OSError:
+        pass
 UNKNOWN_SPACE = 1 << 62  # the drain's free space, where it cannot be known
 # Errnos that say a socket is already shut or failed, not why: a read or write after
 # another one took the socket's error (reading clears it, as SO_ERROR does).

@@ -45,12 +45,11 @@ import logging
 import os
 import selectors
 import socket
-import struct
 import time
 from collections import deque
 
 from . import http1
-from ._sockets import MSG_NOSIGNAL
+from ._sockets import MSG_NOSIGNAL, reset_on_close
 from .http1 import HttpError
 from .routes import Routes
 from .server import ProxyServer, format_addr, printable
@@ -72,7 +71,6 @@ _R, _W = selectors.EVENT_READ, selectors.EVENT_WRITE
 READ_SIZE = 65536  # one recv of a head (and what came with it)
 LINGER = 2.0  # seconds a closing client may still send (read and dropped) before the close
 EARLY = 0.05  # seconds a response may wait for the end of its request's body splice
-_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 # What a leg is doing.
 _IDLE, _HEAD, _LENGTH, _LINE, _DATA, _END, _TRAILERS, _CLOSE, _DONE = range(9)
@@ -842,7 +840,7 @@ class HttpProxyServer(ProxyServer):
             return
         self._watch_up(s, 0)
         if rst:
-            _reset(up)
+            reset_on_close(up)
         up.close()
         s.up, s.ufd = None, -1
         s.rq.dst = s.rs.src = None
@@ -1059,11 +1057,9 @@ class HttpProxyServer(ProxyServer):
                 self._close_up(s, rst=True)
         client = s.client
         if client is not None:
-            if s.cmask:
-                self._sel.unregister(s.cfd)
-                s.cmask = 0
+            self._watch_client(s, 0)
             if rst:
-                _reset(client)
+                reset_on_close(client)
             client.close()
             s.client = None
         self._end_session(s)
@@ -1120,9 +1116,7 @@ class HttpProxyServer(ProxyServer):
         client, up = s.client, s.up
         assert client is not None and up is not None
         self._watch_up(s, 0)
-        if s.cmask:
-            self._sel.unregister(s.cfd)
-            s.cmask = 0
+        self._watch_client(s, 0)
         self._clear_deadline(s)
         s.client = s.up = None
         s.rq.src = s.rq.dst = s.rs.src = s.rs.dst = None
@@ -1220,15 +1214,7 @@ class HttpProxyServer(ProxyServer):
     def _settle(self, s: _Session) -> None:
         """Watch what ``s`` waits for: each socket's read and write sides, and a deadline."""
         rq, rs = s.rq, s.rs
-        cmask = (_R if rq.rwait or s.lingering else 0) | (_W if rs.wwait else 0)
-        if cmask != s.cmask:
-            if not s.cmask:
-                self._sel.register(s.cfd, cmask, s)
-            elif not cmask:
-                self._sel.unregister(s.cfd)
-            else:
-                self._sel.modify(s.cfd, cmask, s)
-            s.cmask = cmask
+        self._watch_client(s, (_R if rq.rwait or s.lingering else 0) | (_W if rs.wwait else 0))
         if s.up is not None and not s.connecting:
             self._watch_up(s, (_R if rs.rwait or rs.state == _IDLE else 0) | (_W if rq.wwait else 0))
         if not s.waiting and s.deadline == 0.0:
@@ -1239,16 +1225,23 @@ class HttpProxyServer(ProxyServer):
         elif s.waiting == "write" and not (rq.wwait or rs.wwait):
             self._clear_deadline(s)
 
+    def _watch_client(self, s: _Session, mask: int) -> None:
+        s.cmask = self._watch(s, s.cfd, s.cmask, mask)
+
     def _watch_up(self, s: _Session, mask: int) -> None:
-        if mask == s.umask:
-            return
-        if not s.umask:
-            self._sel.register(s.ufd, mask, s)
-        elif not mask:
-            self._sel.unregister(s.ufd)
-        else:
-            self._sel.modify(s.ufd, mask, s)
-        s.umask = mask
+        s.umask = self._watch(s, s.ufd, s.umask, mask)
+
+    def _watch(self, s: _Session, fd: int, old: int, new: int) -> int:
+        """Have the selector watch ``fd`` (of ``s``) for ``new`` instead of ``old`` (0: not
+        at all); returns ``new``."""
+        if new != old:
+            if not old:
+                self._sel.register(fd, new, s)
+            elif not new:
+                self._sel.unregister(fd)
+            else:
+                self._sel.modify(fd, new, s)
+        return new
 
     # -- stopping and stats ---------------------------------------------------------------
     def _begin_stop(self) -> None:
@@ -1329,13 +1322,6 @@ def _unsplice(sp: Splice) -> None:
         sp.unsplice()
     except OSError:
         pass  # ended meanwhile: nothing to stop
-
-
-def _reset(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
-    except OSError:
-        pass
 
 
 # The request of an exchange answered before any request head was whole (a 400, a 408).

@@ -18,17 +18,15 @@ from __future__ import annotations
 
 import errno
 import socket
-import struct
 
 from . import engine
+from ._sockets import reset_on_close
 from .splice import Splice, is_live
 from .state import DONE_LOCK, EndReason, Waitable
 
 TYPE_CHECKING = False  # typing is for type checkers: a proxy process is 0.6 MiB lighter without it
 if TYPE_CHECKING:
     from typing import Any
-
-_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a RST
 
 
 class Proxy(Waitable):
@@ -114,10 +112,7 @@ class Proxy(Waitable):
             # Cut short: each peer gets a RST when the pool closes the sockets, not a
             # FIN that would look like the end of a complete transfer.
             for ep in (sp.src, sp.dst):
-                try:
-                    ep.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
-                except OSError:
-                    pass  # AF_UNIX has no RST; a socket already reset needs none
+                reset_on_close(ep.sock)
         if is_live(other):
             engine.unsplice(other, wait=False, strict=False)
 
