@@ -735,29 +735,10 @@ class HttpProxyServer(ProxyServer):
         s.bi = -1
         s.errors = []
         s.timed_out = False
-        if self._next_backend_of(s):
+        if self._next_backend(s):
             self._connect_next(s)
         else:
             self._connect_failed(s)
-
-    def _next_backend_of(self, s: _Session) -> bool:
-        while True:
-            if s.backend is not None:
-                s.backend.live -= 1
-                s.backend.failures += 1
-                s.backend = None
-            s.bi += 1
-            if s.bi >= len(s.order):
-                return False
-            backend = s.order[s.bi]
-            if not backend.addresses:
-                s.errors.append(f"{backend.name}: no address")
-                continue
-            backend.live += 1
-            s.backend = backend
-            s.addrs = backend.addresses
-            s.ai = 0
-            return True
 
     def _connect_next(self, s: _Session) -> None:
         """Connect to the next address (then backend) that does not fail at once."""
@@ -783,7 +764,7 @@ class HttpProxyServer(ProxyServer):
                 up.close()
                 s.errors.append(f"{format_addr(addr)}: {os.strerror(err)}")
                 s.ai += 1
-            if not self._next_backend_of(s):
+            if not self._next_backend(s):
                 self._connect_failed(s)
                 return
 

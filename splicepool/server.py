@@ -917,7 +917,9 @@ class ProxyServer:
 
     def _next_backend(self, conn: _Conn) -> bool:
         """Move ``conn`` on to the next backend of its order that has an address; False
-        when none is left."""
+        when none is left. (``conn`` may be anything with a connection's routing slots,
+        ``order``, ``bi``, ``backend``, ``addrs``, ``ai`` and ``errors``: the HTTP server's
+        sessions use it for each new upstream connection.)"""
         while True:
             backend = conn.backend
             if backend is not None:
