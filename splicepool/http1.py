@@ -62,6 +62,7 @@ connection becomes a tunnel), but a reverse proxy should answer a CONNECT reques
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections import namedtuple
@@ -498,7 +499,17 @@ def _parsed(found: tuple[int, int, bytes], request_method: str | None) -> Any:
         raise
 
 
-_ASKED: dict[str, Any] = {}  # method -> the h11 request a response head is parsed after
+@functools.lru_cache(maxsize=64)  # methods are the peers' to choose: a bounded cache
+def _asked(request_method: str) -> Any:
+    """The h11 request a response head to ``request_method`` is parsed after. It proposes
+    an upgrade, so that h11 takes a 101 (whether there was one is the caller's to know: see
+    is_upgrade_response). Made once per method: an h11 event is immutable, and making one
+    validates its fields every time."""
+    return _h11().Request(
+        method=request_method,
+        target="/",
+        headers=[("Host", "upstream"), ("Connection", "upgrade"), ("Upgrade", "any")],
+    )
 
 
 def _h11_event(head: bytes, request_method: str | None, start: int) -> Any:
@@ -509,19 +520,7 @@ def _h11_event(head: bytes, request_method: str | None, start: int) -> Any:
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=len(head) + 1)
         else:
             conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=len(head) + 1)
-            request = _ASKED.get(request_method)
-            if request is None:
-                # Propose an upgrade, so that h11 takes a 101 (whether there was one is the
-                # caller's to know: see is_upgrade_response). Made once per method: an h11
-                # event is immutable, and making one validates its fields every time.
-                request = h11.Request(
-                    method=request_method,
-                    target="/",
-                    headers=[("Host", "upstream"), ("Connection", "upgrade"), ("Upgrade", "any")],
-                )
-                if len(_ASKED) < 64:  # methods are the peers' to choose: a bounded cache
-                    _ASKED[request_method] = request
-            conn.send(request)
+            conn.send(_asked(request_method))
         conn.receive_data(head)
         event = conn.next_event()
     except h11.ProtocolError as exc:
