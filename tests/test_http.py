@@ -354,15 +354,20 @@ def test_odd_chunk_sizes_pass_exactly(start_http, upstreams):
     assert up.accepted == 1
 
 
-def test_forwarding_headers_and_hop_by_hop_fields(start_http, upstreams):
-    heads: list[bytes] = []
+def _recorder(heads: list[bytes], response: bytes):
+    """An upstream handler that keeps the request head it gets and answers ``response``."""
 
     def record(conn: socket.socket) -> None:
         heads.append(read_head(conn))
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nKeep-Alive: timeout=5\r\nX-Up: 1\r\n\r\n")
+        conn.sendall(response)
         conn.recv(1)
 
-    up = upstreams(record)
+    return record
+
+
+def test_forwarding_headers_and_hop_by_hop_fields(start_http, upstreams):
+    heads: list[bytes] = []
+    up = upstreams(_recorder(heads, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nKeep-Alive: timeout=5\r\nX-Up: 1\r\n\r\n"))
     proxy = start_http("--forwarded-proto", "https", connect=up.addr)
     with connect(proxy) as sock:
         sock.sendall(request("GET", "/h", {"Connection": "x-private", "X-Private": "1", "Keep-Alive": "300",
@@ -714,7 +719,7 @@ def test_balance_picks_the_backend_and_idle_connections_follow_it(start_http, up
 def test_idle_upstream_connections_time_out_and_the_loop_then_sleeps(start_http, upstreams):
     """An idle connection older than --upstream-idle-timeout is closed (in the idle list) or
     replaced (held by its client); afterwards the loop waits without spinning."""
-    up = upstreams(lambda conn: _serve_forever(conn))
+    up = upstreams(lambda conn: _serve_named(conn, "ok"))
     proxy = start_http("--upstream-idle-timeout", "0.3", connect=up.addr)
     with connect(proxy) as held:
         reader = _Unclosable(held)
@@ -733,15 +738,6 @@ def test_idle_upstream_connections_time_out_and_the_loop_then_sleeps(start_http,
     assert _cpu_seconds(proxy.pid) - before < 0.3
 
 
-def _serve_forever(conn: socket.socket) -> None:
-    while True:
-        try:
-            read_head(conn)
-        except (EOFError, OSError):
-            return
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-
 def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -750,13 +746,7 @@ def _cpu_seconds(pid: int) -> float:
 
 def test_accept_proxy_puts_the_carried_client_in_x_forwarded_for(start_http, upstreams):
     heads: list[bytes] = []
-
-    def record(conn: socket.socket) -> None:
-        heads.append(read_head(conn))
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-        conn.recv(1)
-
-    up = upstreams(record)
+    up = upstreams(_recorder(heads, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
     proxy = start_http("--accept-proxy", connect=up.addr)
     with connect(proxy) as sock:
         sock.sendall(b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 80\r\n" + request("GET", "/p"))
