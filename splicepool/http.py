@@ -285,6 +285,8 @@ class HttpProxyServer(ProxyServer):
                 if s.lingering:
                     self._linger_read(s)
                     return
+                if s.rq.state == _DONE:  # the request is upstream: what comes next is read ahead
+                    self._read_ahead(s)
             if mask & _W:
                 s.rs.wwait = False
         else:
@@ -481,6 +483,24 @@ class HttpProxyServer(ProxyServer):
         leg.inbuf += data
         return True
 
+    @staticmethod
+    def _read_ahead(s: _Session) -> None:
+        """The client sent on while its request is upstream (the loop keeps watching it
+        between requests, rather than unwatch and watch again each time): read that once (the
+        next request, its FIN) and stop watching until the exchange is over. A reset client
+        counts as one that closed: writing the response to it says the rest."""
+        rq = s.rq
+        try:
+            data = rq.src.recv(READ_SIZE)  # type: ignore[union-attr]
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            rq.inbuf += data
+        else:
+            rq.eof = True
+
     def _flush(self, s: _Session, leg: _Leg) -> bool:
         """Write ``leg.out``; True once all of it is written."""
         dst = leg.dst
@@ -557,6 +577,8 @@ class HttpProxyServer(ProxyServer):
         s.error = ""
         s.logged = s.early = False
         first = s.requests == 0
+        if not first and not s.rq.inbuf and not s.rq.eof:
+            s.rq.rwait = True  # the client is watched: no recv to hear EAGAIN first
         self._set_deadline(s, s.routes.head_timeout if first else self.keepalive_timeout, "request")
 
     def _request_head(self, s: _Session) -> bool:
@@ -645,7 +667,9 @@ class HttpProxyServer(ProxyServer):
                     raise HttpError(502, "101 Switching Protocols to a request that did not ask to upgrade")
             sent = self._request_sent(s)
             up_ok = sent and http1.upstream_keeps_alive(head, req.method)
-            keep = up_ok and http1.request_keeps_alive(req) and not s.rq.eof and not self._stopping
+            rq = s.rq
+            more = not rq.eof or rq.inbuf  # the client closed: a request it sent first still counts
+            keep = up_ok and http1.request_keeps_alive(req) and more and not self._stopping
             out = http1.proxy_response_head(head, keep_alive=keep, request_version=req.version)
         except (HttpError, ValueError) as exc:
             self._upstream_failed(s, 502, f"bad response head: {exc}")
@@ -1195,7 +1219,9 @@ class HttpProxyServer(ProxyServer):
     def _settle(self, s: _Session) -> None:
         """Watch what ``s`` waits for: each socket's read and write sides, and a deadline."""
         rq, rs = s.rq, s.rs
-        self._watch_client(s, (_R if rq.rwait or s.lingering else 0) | (_W if rs.wwait else 0))
+        # Between a request's end and its response's, the client stays watched (read ahead).
+        ahead = rq.state == _DONE and not rq.inbuf and not rq.eof and rq.splice is None
+        self._watch_client(s, (_R if rq.rwait or s.lingering or ahead else 0) | (_W if rs.wwait else 0))
         if s.up is not None and not s.connecting:
             self._watch_up(s, (_R if rs.rwait or rs.state == _IDLE else 0) | (_W if rq.wwait else 0))
         if not s.waiting and s.deadline == 0.0:

@@ -912,3 +912,39 @@ def test_a_busy_keepalive_connection_leaves_no_pile_of_deadlines(start_http, ups
             assert read_response(reader)[1] == b"x"
         assert proxy.stats()["http"]["deadlines"] <= 2
         reader.fp.close()
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["fin", "pipelined+fin"])
+def test_a_client_that_sends_on_or_closes_while_its_response_is_awaited(start_http, upstreams, pipelined):
+    """The loop keeps watching a keep-alive client while its request is upstream (no
+    unwatch and rewatch per request): what the client sends meanwhile (the next request,
+    its FIN) is read ahead, the loop does not spin on it, and every response still comes,
+    in order, before the close the FIN asked for."""
+    got_first, release = threading.Event(), threading.Event()
+
+    def held(conn: socket.socket) -> None:
+        for i in range(2):
+            try:
+                read_head(conn)
+            except (EOFError, OSError):
+                return
+            if i == 0:
+                got_first.set()
+                release.wait(10)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nr%d" % i)
+
+    up = upstreams(held)
+    proxy = start_http(connect=up.addr)
+    with connect(proxy) as sock:
+        sock.sendall(request("GET", "/0") + (request("GET", "/1") if pipelined else b""))
+        assert got_first.wait(10)
+        sock.shutdown(socket.SHUT_WR)
+        before = _cpu_seconds(proxy.pid)
+        time.sleep(0.5)  # the measured span: a loop that spins on the FIN uses all of it
+        assert _cpu_seconds(proxy.pid) - before < 0.2
+        release.set()
+        raw = recv_until_eof(sock, 10)
+    want = b"r0r1" if pipelined else b"r0"
+    assert re.findall(rb"\r\n\r\n(r\d)", raw) == [want[i:i + 2] for i in range(0, len(want), 2)]
+    statuses = [f["status"] for f in wait_lines(proxy, len(want) // 2)]
+    assert statuses == ["200"] * (len(want) // 2)
