@@ -398,6 +398,8 @@ class HttpProxyServer(ProxyServer):
                     self._start_splice(s, leg)
                     return True
             elif state == _HEAD:
+                if not leg.inbuf and not leg.out and (leg.rwait or leg.src is None):
+                    return did  # nothing to parse, and nothing to read before the source says so
                 if leg is s.rq:
                     took = self._request_head(s)
                 else:
@@ -1221,9 +1223,13 @@ class HttpProxyServer(ProxyServer):
         rq, rs = s.rq, s.rs
         # Between a request's end and its response's, the client stays watched (read ahead).
         ahead = rq.state == _DONE and not rq.inbuf and not rq.eof and rq.splice is None
-        self._watch_client(s, (_R if rq.rwait or s.lingering or ahead else 0) | (_W if rs.wwait else 0))
+        mask = (_R if rq.rwait or s.lingering or ahead else 0) | (_W if rs.wwait else 0)
+        if mask != s.cmask:
+            self._watch_client(s, mask)
         if s.up is not None and not s.connecting:
-            self._watch_up(s, (_R if rs.rwait or rs.state == _IDLE else 0) | (_W if rq.wwait else 0))
+            mask = (_R if rs.rwait or rs.state == _IDLE else 0) | (_W if rq.wwait else 0)
+            if mask != s.umask:
+                self._watch_up(s, mask)
         if not s.waiting and s.deadline == 0.0:
             if rs.state == _HEAD and (rq.state == _DONE and not rq.out or s.early) and s.up is not None:
                 self._set_deadline(s, self.response_timeout, "response")
