@@ -213,6 +213,9 @@ _CHUNK_EXT = re.compile(
     rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|" + _QUOTED + rb"))?)*[ \t]*"
 )
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
+_TARGET = re.compile(rb"[\x21-\x7e]*")
+# Methods known to be tokens: most requests name one, and need no regex for it.
+_COMMON_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 _SAFE_TEXT = re.compile(rb"[^\x00\r\n]*")
 
 
@@ -402,10 +405,9 @@ def parse_response_head(
     """The response head at the start of ``data`` answering a ``request_method`` request
     (an interim 1xx head too: parse again after it for the next); None while incomplete;
     HttpError as for ``parse_request_head``."""
-    if (
-        not isinstance(request_method, str)
-        or not request_method.isascii()
-        or not _TOKEN.fullmatch(request_method.encode("ascii"))
+    if not isinstance(request_method, str) or (
+        request_method not in _COMMON_METHODS
+        and (not request_method.isascii() or not _TOKEN.fullmatch(request_method.encode("ascii")))
     ):
         raise ValueError(f"request_method must be a method name (a token), not {request_method!r}")
     found = _find_head(data, max_size, request_method)
@@ -690,8 +692,12 @@ def _values(head: RequestHead | ResponseHead, name: bytes) -> list[bytes]:
 
 def _tokens(head: RequestHead | ResponseHead, name: bytes) -> list[bytes]:
     """The comma-separated elements of every ``name`` field, stripped and lowercased."""
+    return _split_tokens(_values(head, name))
+
+
+def _split_tokens(values: list[bytes]) -> list[bytes]:
     out = []
-    for value in _values(head, name):
+    for value in values:
         for item in value.split(b","):
             item = item.strip(b" \t").lower()
             if item:
@@ -704,9 +710,14 @@ def _tokens(head: RequestHead | ResponseHead, name: bytes) -> list[bytes]:
 
 def _framing(head: RequestHead | ResponseHead, what: str) -> Body | None:
     """Body from Transfer-Encoding / Content-Length; None when neither is present."""
-    codings = _tokens(head, b"transfer-encoding")
-    lengths = _values(head, b"content-length")
-    has_te = bool(_values(head, b"transfer-encoding"))
+    encodings: list[bytes] = []
+    lengths: list[bytes] = []
+    for name, value in head.headers:  # one pass for both (this runs for every message)
+        if name == b"transfer-encoding":
+            encodings.append(value)
+        elif name == b"content-length":
+            lengths.append(value)
+    has_te = bool(encodings)
     if has_te and lengths:
         raise HttpError(
             400,
@@ -719,10 +730,11 @@ def _framing(head: RequestHead | ResponseHead, what: str) -> Body | None:
                 400,
                 f"HTTP/1.0 {what} has a Transfer-Encoding: its framing is faulty (RFC 9112 6.1)",
             )
+        codings = _split_tokens(encodings)
         if codings != [b"chunked"]:
             if what == "response" and codings and codings[-1] != b"chunked":
                 return Body("close", None)  # RFC 9112 6.3: read until the server closes
-            shown = b", ".join(_values(head, b"transfer-encoding"))
+            shown = b", ".join(encodings)
             raise HttpError(
                 501, f"Transfer-Encoding {_show(shown)} is not supported (only chunked)"
             )
@@ -1041,9 +1053,9 @@ def proxy_request_head(
         fields[forwarded_at] = (name, value + b", " + element if value else element)
     fields.append((b"x-forwarded-proto", proto.encode("ascii")))
     line = f"{head.method} {head.target} HTTP/1.1\r\n".encode("ascii")
-    if not _TOKEN.fullmatch(head.method.encode("ascii")) or any(
-        not 0x21 <= b <= 0x7E for b in head.target.encode("ascii")
-    ):
+    if (
+        head.method not in _COMMON_METHODS and not _TOKEN.fullmatch(head.method.encode("ascii"))
+    ) or not _TARGET.fullmatch(head.target.encode("ascii")):
         raise ValueError(f"request line {line!r} cannot be sent")
     return _serialise(line, fields)
 

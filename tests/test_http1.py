@@ -621,6 +621,34 @@ def test_proxy_request_head_ipv6_upgrade_http10_and_framing_kept():
         proxy_request_head(bad, client_ip="::1")
 
 
+def test_proxy_request_head_checks_the_request_line_of_a_hand_built_head():
+    for method, target in (("G T", "/"), ("G\u00c9T", "/"), ("GET", "/a b"), ("PATCH", "/\x7f")):
+        bad = RequestHead(method, target, "1.1", ((b"host", b"a"),), 0)
+        with pytest.raises((ValueError, UnicodeEncodeError)):
+            proxy_request_head(bad, client_ip="::1")
+    for method in ("PATCH", "M-SEARCH", "OPTIONS"):
+        ok = RequestHead(method, "*", "1.1", ((b"host", b"a"),), 0)
+        assert proxy_request_head(ok, client_ip="::1").startswith(method.encode() + b" * HTTP/1.1\r\n")
+    with pytest.raises(ValueError, match=r"request line b'G T / HTTP/1.1\\r\\n' cannot be sent"):
+        proxy_request_head(RequestHead("G T", "/", "1.1", ((b"host", b"a"),), 0), client_ip="::1")
+    assert resp(b"HTTP/1.1 200 OK\r\n\r\n", "PATCH").status == 200
+    with pytest.raises(ValueError, match="request_method must be a method name"):
+        parse_response_head(b"", request_method=["GET"])
+
+
+def test_framing_reads_every_field_of_each_kind():
+    hand = RequestHead("POST", "/", "1.1", ((b"transfer-encoding", b"gzip"), (b"x", b"1"),
+                                            (b"transfer-encoding", b"chunked")), 0)
+    err = error(request_body, hand)
+    assert (err.status, str(err)) == (
+        501, "Transfer-Encoding b'gzip, chunked' is not supported (only chunked)"
+    )
+    hand = ResponseHead(200, b"OK", "1.1", ((b"content-length", b"4"), (b"content-length", b"4, 4")), 0)
+    assert response_body(hand, "GET") == Body("length", 4)
+    hand = ResponseHead(200, b"OK", "1.1", ((b"content-length", b"4"), (b"transfer-encoding", b"chunked")), 0)
+    assert error(response_body, hand, "GET").status == 400
+
+
 def test_proxy_response_head():
     head = resp(
         b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"
