@@ -6,6 +6,16 @@ Heads are parsed and validated by h11 (``pip install 'splicepool[http]'``), impo
 time a head is parsed; this module finds where a head ends, bounds its size, feeds h11 only the
 head (never a body byte) and checks what h11 leaves to the caller (the HTTP version, framing).
 
+When httptools (llhttp's binding, in the same extra) imports, a complete head that is plain
+takes a fast path: its first line matched by one regex, every header line ``name: value`` CRLF
+with a value h11 takes as it is (no space or tab at either end), Content-Length a number,
+Transfer-Encoding chunked, one Host. httptools reads its fields and the result is the one h11
+would give. Any other head (bare LF, obs-fold, a method llhttp does not know, a field h11
+reads its own way or refuses) goes to h11, which also words every error: the results, and
+the errors with their status and message, are the same with or without httptools; only the
+time differs. ``use_parser("h11")`` (or ``SPLICEPOOL_HTTP1_PARSER=h11`` in the environment)
+turns the fast path off; h11 is needed either way.
+
 The contract of ``parse_request_head`` and ``parse_response_head``, called with the bytes
 received so far on a connection, from the start of the head:
 
