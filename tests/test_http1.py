@@ -302,7 +302,7 @@ def test_without_httptools_heads_are_parsed_by_h11():
         except ImportError as exc:
             print(exc)
     """
-    out = run_python(code)
+    out = run_python(code, SPLICEPOOL_HTTP1_PARSER="auto")
     assert out.stdout.splitlines() == [
         "RequestHead(method='GET', target='/x', version='1.1', headers=((b'host', b'a'), "
         "(b'content-length', b'2')), length=47)",
