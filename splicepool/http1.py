@@ -6,6 +6,16 @@ Heads are parsed and validated by h11 (``pip install 'splicepool[http]'``), impo
 time a head is parsed; this module finds where a head ends, bounds its size, feeds h11 only the
 head (never a body byte) and checks what h11 leaves to the caller (the HTTP version, framing).
 
+When httptools (llhttp's binding, in the same extra) imports, a complete head that is plain
+takes a fast path: its first line matched by one regex, every header line ``name: value`` CRLF
+with a value h11 takes as it is (no space or tab at either end), Content-Length a number,
+Transfer-Encoding chunked, one Host. httptools reads its fields and the result is the one h11
+would give. Any other head (bare LF, obs-fold, a method llhttp does not know, a field h11
+reads its own way or refuses) goes to h11, which also words every error: the results, and
+the errors with their status and message, are the same with or without httptools; only the
+time differs. ``use_parser("h11")`` (or ``SPLICEPOOL_HTTP1_PARSER=h11`` in the environment)
+turns the fast path off; h11 is needed either way.
+
 The contract of ``parse_request_head`` and ``parse_response_head``, called with the bytes
 received so far on a connection, from the start of the head:
 
@@ -64,6 +74,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 import re
 from collections import namedtuple
 
@@ -141,6 +152,7 @@ __all__ = [
     "request_body",
     "response_body",
     "upgrade_to",
+    "use_parser",
 ]
 
 #: The default bound on a head, in bytes.
@@ -190,6 +202,17 @@ _FIELD_LINE = re.compile(
     rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[ \t]*(?:" + _VCHAR + rb"+(?:[ \t]+" + _VCHAR + rb"+)*)?[ \t]*"
 )
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*")
+# A request line and a status line that pass every check of _check_first_line, in one regex:
+# a line that matches needs no byte-by-byte look (the others get one, for the message).
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e]+) HTTP/(1\.[01])")
+_STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([1-5][0-9][0-9])(?: ([^\x00\n\x0b\x0c\r]*))?")
+# Header lines the fast path takes: each "name: value" CRLF, one space after the colon, the
+# value as h11 reads it (no NUL, CR, LF, VT, FF) with no space or tab at either end, so that
+# the value is the rest of the line whichever parser reads it; then the empty line.
+_PLAIN_FIELDS = re.compile(
+    rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+: (?:" + _VCHAR + rb"[^\x00\n\x0b\x0c\r]*(?<=" + _VCHAR
+    + rb"))?\r\n)*\r\n"
+)
 _FOLD_LINE = re.compile(rb"[ \t]+(?:" + _VCHAR + rb"+(?:[ \t]+" + _VCHAR + rb"+)*)?[ \t]*")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _MAX_HEX_DIGITS = 16
@@ -200,6 +223,9 @@ _CHUNK_EXT = re.compile(
     rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|" + _QUOTED + rb"))?)*[ \t]*"
 )
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
+_TARGET = re.compile(rb"[\x21-\x7e]*")
+# Methods known to be tokens: most requests name one, and need no regex for it.
+_COMMON_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 _SAFE_TEXT = re.compile(rb"[^\x00\r\n]*")
 
 
@@ -212,7 +238,50 @@ class HttpError(ValueError):
         self.status = status
 
 
-# -- h11 ------------------------------------------------------------------------------------
+# -- the parsers: h11, and httptools when it is there -----------------------------------------
+
+#: The environment variable that picks the parser of complete heads for the process: "auto"
+#: (the default: httptools when it imports, else h11), "h11" or "httptools". ``use_parser``
+#: changes the choice later.
+PARSER_ENV = "SPLICEPOOL_HTTP1_PARSER"
+_PARSERS = ("auto", "h11", "httptools")
+_wanted = os.environ.get(PARSER_ENV) or "auto"
+if _wanted not in _PARSERS:
+    raise ValueError(f"{PARSER_ENV}={_wanted!r}: the HTTP/1.1 head parser is auto, h11 or httptools")
+_UNDECIDED: Any = object()
+_fast: Any = _UNDECIDED  # the httptools module while the fast path is on, else None
+
+
+def use_parser(name: str = "auto") -> str:
+    """Pick the parser of complete heads: "httptools" (ImportError when it is not installed),
+    "h11", or "auto" (httptools when it imports, else h11); returns the one now in use. The
+    results and the errors are the same with either (see the module's docstring): this
+    choice is for speed, and for tests and benchmarks."""
+    global _wanted, _fast
+    if name not in _PARSERS:
+        raise ValueError(f"parser {name!r} is not one of auto, h11, httptools")
+    fast = None
+    if name != "h11":
+        try:
+            import httptools
+        except ImportError as exc:
+            if name == "httptools":
+                raise ImportError(
+                    "splicepool.http1 was asked to parse heads with httptools, which is not "
+                    "installed: pip install httptools"
+                ) from exc
+        else:
+            fast = httptools
+    _wanted, _fast = name, fast
+    return "h11" if fast is None else "httptools"
+
+
+def _httptools() -> Any:
+    """The httptools module while the fast path is on, else None; the first call makes the
+    choice that ``PARSER_ENV`` asks for (httptools is imported then, not with this module)."""
+    if _fast is _UNDECIDED:
+        use_parser(_wanted)
+    return _fast
 
 
 def _h11() -> Any:
@@ -224,6 +293,77 @@ def _h11() -> Any:
             "pip install 'splicepool[http]'"
         ) from exc
     return h11
+
+
+class _Fields:
+    """What httptools hands over while it reads a head: the field names and values, in order,
+    and whether the head was whole."""
+
+    __slots__ = ("names", "values", "complete")
+
+    def __init__(self) -> None:
+        self.names: list[bytes] = []
+        self.values: list[bytes] = []
+        self.complete = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.names.append(name)
+        self.values.append(value)
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def _fast_fields(
+    buf: bytes, line: Any, end: int, request: bool
+) -> tuple[tuple[tuple[bytes, bytes], ...], list[bytes]] | None:
+    """The fields of the whole head ``buf[line.start():end]``, whose first line matched
+    ``line``, as h11 would give them (``(headers, lowercased names)``), read by httptools;
+    None when httptools is off or the head is not plain enough to be sure of that: h11 then
+    reads it, and says what is wrong with it if anything is."""
+    ht = _httptools()
+    if ht is None:
+        return None
+    _h11()  # h11 judges every head the fast path leaves: no head is parsed without it
+    begin = line.end() + 2
+    # httptools is more lenient than h11 in places (obs-fold, bare LF, Content-Length and
+    # Transfer-Encoding both, lenient modes): only plain lines go its way.
+    if buf[line.end() : begin] != b"\r\n" or not _PLAIN_FIELDS.fullmatch(buf, begin, end):
+        return None
+    got = _Fields()
+    parser = (ht.HttpRequestParser if request else ht.HttpResponseParser)(got)
+    try:
+        parser.feed_data(memoryview(buf)[line.start() : end])
+    except (ht.HttpParserUpgrade, ht.HttpParserError):
+        # A method llhttp does not know, a value byte it refuses: h11 decides. Raised once the
+        # head is whole (an upgrade, CONNECT, a 101), it is about what would follow: the
+        # fields are all in, and are checked below as any.
+        if not got.complete:
+            return None
+    names, values = got.names, got.values
+    # The pairs are the lines': as many, and as long (each line is "name: value" CRLF).
+    if (
+        not got.complete
+        or len(names) != buf.count(b"\n", begin, end) - 1
+        or sum(map(len, names)) + sum(map(len, values)) != end - begin - 2 - 4 * len(names)
+    ):
+        return None
+    lowered = [name.lower() for name in names]
+    if b"content-length" in lowered or b"transfer-encoding" in lowered:
+        # h11 reduces a Content-Length list to its value and lowercases Transfer-Encoding,
+        # and refuses their odd forms: only one field, of the plain form, stays on this path.
+        if lowered.count(b"content-length") + lowered.count(b"transfer-encoding") != 1:
+            return None
+        if b"content-length" in lowered:
+            value = values[lowered.index(b"content-length")]
+            if not value.isdigit() or len(value) > 20:
+                return None
+        else:
+            at = lowered.index(b"transfer-encoding")
+            if values[at].lower() != b"chunked":
+                return None
+            values[at] = b"chunked"
+    return tuple(zip(lowered, values, strict=True)), lowered
 
 
 def _show(value: bytes) -> str:
@@ -249,8 +389,17 @@ def parse_request_head(
     found = _find_head(data, max_size, None)
     if found is None:
         return None
+    start, end, buf, line = found
+    fields = None if line is None else _fast_fields(buf, line, end, True)
+    if fields is not None:
+        headers, names = fields
+        hosts = names.count(b"host")  # h11: one, or none in HTTP/1.0
+        method, target, version = line.groups()
+        if hosts == 1 or (hosts == 0 and version == b"1.0"):
+            return RequestHead(
+                method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), headers, end
+            )
     event = _parsed(found, None)
-    end = found[1]
     return RequestHead(
         event.method.decode("ascii"),
         event.target.decode("ascii"),
@@ -266,17 +415,20 @@ def parse_response_head(
     """The response head at the start of ``data`` answering a ``request_method`` request
     (an interim 1xx head too: parse again after it for the next); None while incomplete;
     HttpError as for ``parse_request_head``."""
-    if (
-        not isinstance(request_method, str)
-        or not request_method.isascii()
-        or not _TOKEN.fullmatch(request_method.encode("ascii"))
+    if not isinstance(request_method, str) or (
+        request_method not in _COMMON_METHODS
+        and (not request_method.isascii() or not _TOKEN.fullmatch(request_method.encode("ascii")))
     ):
         raise ValueError(f"request_method must be a method name (a token), not {request_method!r}")
     found = _find_head(data, max_size, request_method)
     if found is None:
         return None
+    start, end, buf, line = found
+    fields = None if line is None else _fast_fields(buf, line, end, False)
+    if fields is not None:
+        version, status, reason = line.groups()
+        return ResponseHead(int(status), reason or b"", version.decode("ascii"), fields[0], end)
     event = _parsed(found, request_method)
-    end = found[1]
     return ResponseHead(
         event.status_code,
         bytes(event.reason),
@@ -288,8 +440,10 @@ def parse_response_head(
 
 def _find_head(
     data: bytes | bytearray | memoryview, max_size: int, request_method: str | None
-) -> tuple[int, int, bytes] | None:
-    """(start, end, buf): the head is ``buf[start:end]``; None while incomplete."""
+) -> tuple[int, int, bytes, Any] | None:
+    """(start, end, buf, line): the head is ``buf[start:end]``, ``line`` the match of its
+    first line by _REQUEST_LINE or _STATUS_LINE (None when only the byte-by-byte check
+    passed it); None while incomplete."""
     _check_max("max_size", max_size, 16)
     what = "request" if request_method is None else "response"
     buf = bytes(memoryview(data).cast("B")[:max_size])
@@ -308,8 +462,12 @@ def _find_head(
         # not 1.0 or 1.1), the rest by h11, and only a head h11 refuses gets every line
         # checked, for the fault's exact place (_parsed): each head is checked once.
         lf = buf.find(b"\n", start)
-        _check_first_line(buf[start:lf].removesuffix(b"\r"), start, request_method, True)
-        return start, match.end(), buf
+        stop = lf - 1 if lf > start and buf[lf - 1] == 0x0D else lf
+        pattern = _REQUEST_LINE if request_method is None else _STATUS_LINE
+        line = pattern.fullmatch(buf, start, stop)
+        if line is None:
+            _check_first_line(buf[start:stop], start, request_method, True)
+        return start, match.end(), buf, line
     # Check each complete line as soon as it is in (the last, unfinished one as far as it goes).
     _check_lines(buf, start, len(buf), request_method, complete=False)
     if len(buf) >= max_size:
@@ -488,10 +646,10 @@ def _check_version(
         )
 
 
-def _parsed(found: tuple[int, int, bytes], request_method: str | None) -> Any:
+def _parsed(found: tuple[int, int, bytes, Any], request_method: str | None) -> Any:
     """The h11 event of the whole head ``found`` (``_find_head``); HttpError naming the
     first bad line and byte when there is one, else h11's own reason."""
-    start, end, buf = found
+    start, end, buf, _ = found
     try:
         return _h11_event(buf[start:end], request_method, start)
     except HttpError:
@@ -544,8 +702,12 @@ def _values(head: RequestHead | ResponseHead, name: bytes) -> list[bytes]:
 
 def _tokens(head: RequestHead | ResponseHead, name: bytes) -> list[bytes]:
     """The comma-separated elements of every ``name`` field, stripped and lowercased."""
+    return _split_tokens(_values(head, name))
+
+
+def _split_tokens(values: list[bytes]) -> list[bytes]:
     out = []
-    for value in _values(head, name):
+    for value in values:
         for item in value.split(b","):
             item = item.strip(b" \t").lower()
             if item:
@@ -558,9 +720,14 @@ def _tokens(head: RequestHead | ResponseHead, name: bytes) -> list[bytes]:
 
 def _framing(head: RequestHead | ResponseHead, what: str) -> Body | None:
     """Body from Transfer-Encoding / Content-Length; None when neither is present."""
-    codings = _tokens(head, b"transfer-encoding")
-    lengths = _values(head, b"content-length")
-    has_te = bool(_values(head, b"transfer-encoding"))
+    encodings: list[bytes] = []
+    lengths: list[bytes] = []
+    for name, value in head.headers:  # one pass for both (this runs for every message)
+        if name == b"transfer-encoding":
+            encodings.append(value)
+        elif name == b"content-length":
+            lengths.append(value)
+    has_te = bool(encodings)
     if has_te and lengths:
         raise HttpError(
             400,
@@ -573,10 +740,11 @@ def _framing(head: RequestHead | ResponseHead, what: str) -> Body | None:
                 400,
                 f"HTTP/1.0 {what} has a Transfer-Encoding: its framing is faulty (RFC 9112 6.1)",
             )
+        codings = _split_tokens(encodings)
         if codings != [b"chunked"]:
             if what == "response" and codings and codings[-1] != b"chunked":
                 return Body("close", None)  # RFC 9112 6.3: read until the server closes
-            shown = b", ".join(_values(head, b"transfer-encoding"))
+            shown = b", ".join(encodings)
             raise HttpError(
                 501, f"Transfer-Encoding {_show(shown)} is not supported (only chunked)"
             )
@@ -895,9 +1063,9 @@ def proxy_request_head(
         fields[forwarded_at] = (name, value + b", " + element if value else element)
     fields.append((b"x-forwarded-proto", proto.encode("ascii")))
     line = f"{head.method} {head.target} HTTP/1.1\r\n".encode("ascii")
-    if not _TOKEN.fullmatch(head.method.encode("ascii")) or any(
-        not 0x21 <= b <= 0x7E for b in head.target.encode("ascii")
-    ):
+    if (
+        head.method not in _COMMON_METHODS and not _TOKEN.fullmatch(head.method.encode("ascii"))
+    ) or not _TARGET.fullmatch(head.target.encode("ascii")):
         raise ValueError(f"request line {line!r} cannot be sent")
     return _serialise(line, fields)
 

@@ -6,6 +6,7 @@ that reads them with this module) and the heads nginx really answers with."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -51,6 +52,20 @@ from splicepool.http1 import (  # noqa: E402
 )
 
 pytestmark = engine_free
+
+HAVE_HTTPTOOLS = importlib.util.find_spec("httptools") is not None
+
+
+@pytest.fixture(scope="module", autouse=True, params=["h11", "httptools"])
+def parser(request):
+    """Every test runs twice: complete heads parsed by h11 alone, then by httptools (the
+    fast path, h11 judging what it leaves). Module-scoped: hypothesis refuses function-scoped
+    fixtures."""
+    if request.param == "httptools" and not HAVE_HTTPTOOLS:
+        pytest.skip("httptools is not installed: pip install httptools")
+    assert http1.use_parser(request.param) == request.param
+    yield request.param
+    http1.use_parser("auto")
 
 GET = b"GET /a/b?c=d HTTP/1.1\r\nHost: example.test\r\nUser-Agent: t/1\r\nAccept: */*\r\n\r\n"
 
@@ -260,10 +275,103 @@ def test_missing_h11_says_what_to_install(monkeypatch):
     assert parse_request_head(GET[:20]) is None  # incomplete: h11 is not needed yet
 
 
-def test_h11_is_imported_lazily():
-    code = "import sys, splicepool.http1; print('h11' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=30)
+
+
+def test_h11_and_httptools_are_imported_lazily():
+    out = run_python("import sys, splicepool.http1; print('h11' in sys.modules, 'httptools' in sys.modules)")
+    assert out.stdout.strip() == "False False", out.stderr
+
+
+def test_without_httptools_heads_are_parsed_by_h11():
+    code = """if True:
+        import sys
+        sys.modules['httptools'] = None  # as if it were not installed
+        from splicepool import http1
+        print(http1.parse_request_head(b'GET /x HTTP/1.1\\r\\nHost: a\\r\\nContent-Length: 2\\r\\n\\r\\nhi'))
+        print(http1.parse_response_head(b'HTTP/1.1 204 No Content\\r\\n\\r\\n', request_method='GET'))
+        try:
+            http1.parse_request_head(b'GET / HTTP/1.1\\r\\n\\r\\n')
+        except http1.HttpError as exc:
+            print(exc.status, exc)
+        print(http1.use_parser())
+        try:
+            http1.use_parser('httptools')
+        except ImportError as exc:
+            print(exc)
+    """
+    out = run_python(code, SPLICEPOOL_HTTP1_PARSER="auto")
+    assert out.stdout.splitlines() == [
+        "RequestHead(method='GET', target='/x', version='1.1', headers=((b'host', b'a'), "
+        "(b'content-length', b'2')), length=47)",
+        "ResponseHead(status=204, reason=b'No Content', version='1.1', headers=(), length=27)",
+        "400 bad request head: Missing mandatory Host: header",
+        "h11",
+        "splicepool.http1 was asked to parse heads with httptools, which is not installed: "
+        "pip install httptools",
+    ], out.stderr
+
+
+@pytest.mark.skipif(not HAVE_HTTPTOOLS, reason="pip install httptools")
+def test_parser_env_and_use_parser():
+    code = ("from splicepool import http1; http1.parse_request_head(b'GET / HTTP/1.0\\r\\n\\r\\n'); "
+            "import sys; print('httptools' in sys.modules, http1.use_parser('auto'))")
+    assert run_python(code, SPLICEPOOL_HTTP1_PARSER="h11").stdout.split() == ["False", "httptools"]
+    assert run_python(code, SPLICEPOOL_HTTP1_PARSER="auto").stdout.split() == ["True", "httptools"]
+    out = run_python("import splicepool.http1", SPLICEPOOL_HTTP1_PARSER="llhttp")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        "ValueError: SPLICEPOOL_HTTP1_PARSER='llhttp': the HTTP/1.1 head parser is auto, h11 or "
+        "httptools"
+    )
+    with pytest.raises(ValueError, match="parser 'llhttp' is not one of auto, h11, httptools"):
+        http1.use_parser("llhttp")
+
+
+def fast_fields(text: bytes, request: bool = True):
+    """What the fast path makes of the whole head ``text``: None when it leaves it to h11."""
+    found = http1._find_head(text, MAX_HEAD, None if request else "GET")
+    assert found is not None
+    start, end, buf, line = found
+    return None if line is None else http1._fast_fields(buf, line, end, request)
+
+
+@pytest.mark.skipif(not HAVE_HTTPTOOLS, reason="pip install httptools")
+def test_plain_heads_take_the_fast_path_and_odd_ones_leave_it(parser):
+    try:
+        http1.use_parser("httptools")
+        assert fast_fields(GET) == (
+            ((b"host", b"example.test"), (b"user-agent", b"t/1"), (b"accept", b"*/*")),
+            [b"host", b"user-agent", b"accept"],
+        )
+        assert fast_fields(b"\r\nPOST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n"
+                           b"X: \r\n\r\n")[0] == ((b"host", b"a"), (b"transfer-encoding", b"chunked"), (b"x", b""))
+        assert fast_fields(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n"
+                           b"Upgrade: websocket\r\n\r\n") is not None  # httptools raises HttpParserUpgrade
+        assert fast_fields(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", False)[0] == (
+            (b"content-length", b"12"),
+        )
+        assert fast_fields(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: ws\r\n\r\n", False)
+        for odd in (
+            b"GET / HTTP/1.1\nHost: a\n\n",  # bare LF
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: b\r\n c\r\n\r\n",  # obs-fold
+            b"GET / HTTP/1.1\r\nHost: a \r\n\r\n",  # a space at the end of a value
+            b"GET / HTTP/1.1\r\nHost:a\r\n\r\n",  # no space after the colon
+            b"GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n",  # h11 takes it, llhttp not
+            b"FOO / HTTP/1.1\r\nHost: a\r\n\r\n",  # a method llhttp does not know
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: " + b"1" * 21 + b"\r\n\r\n",
+        ):
+            assert fast_fields(odd) is None, odd
+        assert fast_fields(b"HTTP/1.1 200 OK \r\nA: b\r\n\r\n", False) is not None  # reason's space
+        assert fast_fields(b"HTTP/1.1 200 OK\rx\r\nA: b\r\n\r\n", False) is None  # not matched
+    finally:
+        http1.use_parser(parser)
 
 
 # -- framing --------------------------------------------------------------------------------
@@ -513,6 +621,34 @@ def test_proxy_request_head_ipv6_upgrade_http10_and_framing_kept():
         proxy_request_head(bad, client_ip="::1")
 
 
+def test_proxy_request_head_checks_the_request_line_of_a_hand_built_head():
+    for method, target in (("G T", "/"), ("G\u00c9T", "/"), ("GET", "/a b"), ("PATCH", "/\x7f")):
+        bad = RequestHead(method, target, "1.1", ((b"host", b"a"),), 0)
+        with pytest.raises((ValueError, UnicodeEncodeError)):
+            proxy_request_head(bad, client_ip="::1")
+    for method in ("PATCH", "M-SEARCH", "OPTIONS"):
+        ok = RequestHead(method, "*", "1.1", ((b"host", b"a"),), 0)
+        assert proxy_request_head(ok, client_ip="::1").startswith(method.encode() + b" * HTTP/1.1\r\n")
+    with pytest.raises(ValueError, match=r"request line b'G T / HTTP/1.1\\r\\n' cannot be sent"):
+        proxy_request_head(RequestHead("G T", "/", "1.1", ((b"host", b"a"),), 0), client_ip="::1")
+    assert resp(b"HTTP/1.1 200 OK\r\n\r\n", "PATCH").status == 200
+    with pytest.raises(ValueError, match="request_method must be a method name"):
+        parse_response_head(b"", request_method=["GET"])
+
+
+def test_framing_reads_every_field_of_each_kind():
+    hand = RequestHead("POST", "/", "1.1", ((b"transfer-encoding", b"gzip"), (b"x", b"1"),
+                                            (b"transfer-encoding", b"chunked")), 0)
+    err = error(request_body, hand)
+    assert (err.status, str(err)) == (
+        501, "Transfer-Encoding b'gzip, chunked' is not supported (only chunked)"
+    )
+    hand = ResponseHead(200, b"OK", "1.1", ((b"content-length", b"4"), (b"content-length", b"4, 4")), 0)
+    assert response_body(hand, "GET") == Body("length", 4)
+    hand = ResponseHead(200, b"OK", "1.1", ((b"content-length", b"4"), (b"transfer-encoding", b"chunked")), 0)
+    assert error(response_body, hand, "GET").status == 400
+
+
 def test_proxy_response_head():
     head = resp(
         b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"
@@ -712,6 +848,140 @@ def test_fuzz_heads_agree_with_h11(lines, first, tail):
 
 
 # -- curl, the real client ------------------------------------------------------------------
+
+# -- the two parsers agree ------------------------------------------------------------------
+
+
+def outcome(call, *args, **kwargs):
+    """The result of a call, or the HttpError's (status, message)."""
+    try:
+        return call(*args, **kwargs)
+    except HttpError as exc:
+        return ("HttpError", exc.status, str(exc))
+
+
+def everything(text: bytes, method: str | None):
+    """All http1 makes of ``text`` (a request head when ``method`` is None, else a response
+    head to a ``method`` request): the head, its framing, keep-alive, the head proxied."""
+    if method is None:
+        head = outcome(parse_request_head, text, max_size=512)
+        if not isinstance(head, RequestHead):
+            return head
+        return (head, outcome(request_body, head), http1.request_keeps_alive(head),
+                expects_continue(head), upgrade_to(head),
+                outcome(proxy_request_head, head, client_ip="192.0.2.1", host_default="dflt"))
+    head = outcome(parse_response_head, text, request_method=method, max_size=512)
+    if not isinstance(head, ResponseHead):
+        return head
+    return (head, outcome(response_body, head, method), outcome(upstream_keeps_alive, head, method),
+            outcome(proxy_response_head, head, keep_alive=True, request_version="1.0"))
+
+
+def both_parsers(text: bytes, method: str | None, restore: str):
+    try:
+        http1.use_parser("h11")
+        slow = everything(text, method)
+        http1.use_parser("httptools")
+        fast = everything(text, method)
+    finally:
+        http1.use_parser(restore)
+    return slow, fast
+
+
+SEEDS = [
+    (GET, None),
+    (b"POST /form?a=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 7\r\nExpect: 100-continue\r\n"
+     b"Content-Type: application/x-www-form-urlencoded\r\n\r\n", None),
+    (b"PUT /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive, X-A\r\n"
+     b"X-A: 1\r\n\r\n", None),
+    (b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", None),
+    (b"GET / HTTP/1.0\r\nUser-Agent: x\r\n\r\n", None),
+    (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 12\r\nConnection: keep-alive\r\n\r\n", "GET"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Y: a b\r\n\r\n", "GET"),
+    (b"HTTP/1.0 404 Not Found\r\nContent-Type: text/html\r\n\r\n", "POST"),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n", "GET"),
+    (b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n", "HEAD"),
+]
+PIECES = [b" ", b"\t", b"\r", b"\n", b"\r\n", b":", b",", b"\x00", b"\x01", b"\x0b", b"\x0c",
+          b"\x7f", b"\xff", b"a", b"Z", b"0", b"9", b"(", b"\r\n ", b"\r\n\t", b"\r\nHost: x",
+          b"\r\nContent-Length: 5", b"\r\nContent-Length: 5, 5", b"\r\ncontent-length: 05",
+          b"\r\nTransfer-Encoding: Chunked", b"\r\nTransfer-Encoding: gzip", b"\r\nX: y ",
+          b"\r\nConnection: close", b"HTTP/1.1", b"1.0", b"2"]
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(SEEDS),
+       st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(["insert", "delete", "replace"]),
+                          st.sampled_from(PIECES)), max_size=4),
+       st.sampled_from([b"", b"body", b"\r\n"]))
+def test_mutated_heads_are_read_alike_by_both_parsers(parser, seed, edits, tail):
+    if not HAVE_HTTPTOOLS:
+        pytest.skip("pip install httptools")
+    text, method = seed
+    text = bytearray(text)
+    for at, how, piece in edits:
+        at %= len(text) + 1
+        if how == "insert":
+            text[at:at] = piece
+        elif how == "delete":
+            del text[at : at + len(piece)]
+        else:
+            text[at : at + len(piece)] = piece
+    text = bytes(text) + tail
+    slow, fast = both_parsers(text, method, parser)
+    assert fast == slow, text
+
+
+# Names, each with the values worth trying for it (h11 reads some of them its own way).
+FIELDS = {
+    b"Host": [b"a", b"a:80", b""],
+    b"Content-Length": [b"5", b"0", b"05", b"5, 5", b"5,6", b"-1", b"+5", b"1" * 20, b"1" * 21, b""],
+    b"content-LENGTH": [b"7"],
+    b"Transfer-Encoding": [b"chunked", b"CHUNKED", b"Chunked", b"gzip", b"gzip, chunked",
+                           b"chunked, chunked", b""],
+    b"Connection": [b"close", b"upgrade", b"keep-alive, X-A", b"Keep-Alive", b"host, content-length"],
+    b"Upgrade": [b"websocket", b"", b"h2c, ws"],
+    b"Expect": [b"100-continue", b"100-Continue, x"],
+    b"X-A": [b"a  b", b"a\tb", b"", b"\xff\x80", b"\x01", b"a\x00", b"\x7f", b"a\x0bb", b"a,b"],
+    b"Keep-Alive": [b"timeout=5"],
+    b"Ho(st": [b"a"],
+    b"": [b"a"],
+}
+
+
+@st.composite
+def built_heads(draw):
+    eol = draw(st.sampled_from([b"\r\n"] * 5 + [b"\n"]))
+    if draw(st.booleans()):
+        method = None
+        line = b"%s /p HTTP/%s" % (draw(st.sampled_from([b"GET", b"POST", b"M-SEARCH", b"FOO", b"CONNECT"])),
+                                   draw(st.sampled_from([b"1.1", b"1.0"])))
+    else:
+        method = draw(st.sampled_from(["GET", "HEAD", "CONNECT", "POST"]))
+        line = b"HTTP/%s %d%s" % (draw(st.sampled_from([b"1.1", b"1.0"])),
+                                  draw(st.sampled_from([100, 101, 200, 204, 304, 404, 599])),
+                                  draw(st.sampled_from([b" OK", b"", b" ", b" A \tB "])))
+    lines = [line]
+    if method is None and draw(st.integers(0, 3)):
+        lines.append(b"Host: a")
+    for _ in range(draw(st.integers(0, 5))):
+        name = draw(st.sampled_from(sorted(FIELDS)))
+        lines.append(name
+                     + draw(st.sampled_from([b": "] * 6 + [b":", b":  ", b":\t", b" :"]))
+                     + draw(st.sampled_from(FIELDS[name]))
+                     + draw(st.sampled_from([b""] * 6 + [b" ", b"\t"])))
+    return b"".join(x + eol for x in lines) + eol, method
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(built_heads())
+def test_built_heads_are_read_alike_by_both_parsers(parser, drawn):
+    if not HAVE_HTTPTOOLS:
+        pytest.skip("pip install httptools")
+    text, method = drawn
+    slow, fast = both_parsers(text, method, parser)
+    assert fast == slow, text
+
 
 needs_curl = pytest.mark.skipif(shutil.which("curl") is None, reason="apt-get install curl")
 
