@@ -668,7 +668,7 @@ class HttpProxyServer(ProxyServer):
                 if not s.upgrade or s.rq.state != _DONE:
                     raise HttpError(502, "101 Switching Protocols to a request that did not ask to upgrade")
             sent = self._request_sent(s)
-            up_ok = sent and http1.upstream_keeps_alive(head, req.method)
+            up_ok = sent and http1.upstream_keeps_alive(head, req.method, body=body)
             rq = s.rq
             more = not rq.eof or rq.inbuf  # the client closed: a request it sent first still counts
             keep = up_ok and http1.request_keeps_alive(req) and more and not self._stopping

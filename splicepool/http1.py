@@ -806,15 +806,20 @@ def request_keeps_alive(request_head: RequestHead) -> bool:
     return _persists(request_head)
 
 
-def upstream_keeps_alive(response_head: ResponseHead, request_method: str) -> bool:
+def upstream_keeps_alive(response_head: ResponseHead, request_method: str, *,
+                         body: Body | None = None) -> bool:
     """Whether the upstream connection can carry another request after ``response_head``
     (the final response to a ``request_method`` request sent as ``proxy_request_head`` sends
-    it: HTTP/1.1 without Connection: close): ``keeps_alive`` with the response's side only."""
+    it: HTTP/1.1 without Connection: close): ``keeps_alive`` with the response's side only.
+    ``body``: ``response_body(response_head, request_method)`` when the caller has it already
+    (it is not worked out again)."""
     if not _persists(response_head) or response_head.status == 101:
         return False
     if request_method == "CONNECT" and 200 <= response_head.status < 300:
         return False
-    return response_body(response_head, request_method).kind != "close"
+    if body is None:
+        body = response_body(response_head, request_method)
+    return body.kind != "close"
 
 
 def _persists(head: RequestHead | ResponseHead) -> bool:

@@ -466,6 +466,11 @@ def test_keeps_alive():
         assert upstream_keeps_alive(response, "GET") is False
     assert upstream_keeps_alive(resp(b"HTTP/1.1 200 OK\r\n\r\n", "HEAD"), "HEAD") is True  # no body
     assert upstream_keeps_alive(resp(b"HTTP/1.1 200 OK\r\n\r\n", "CONNECT"), "CONNECT") is False
+    # the body the caller worked out already is the one used (not worked out again)
+    for response in (ok, ok10, ok10ka, closing, eof):
+        body = response_body(response, "GET")
+        assert upstream_keeps_alive(response, "GET", body=body) is upstream_keeps_alive(response, "GET")
+    assert upstream_keeps_alive(ok, "GET", body=Body("close", None)) is False
 
 
 def test_expect_and_upgrade():
