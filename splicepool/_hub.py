@@ -105,6 +105,9 @@ class _Watched:
         return len(self._data)
 
 
+_READ_EVENTS = select.EPOLLIN | select.EPOLLPRI  # what a muted fd (not read for now) does not report
+
+
 class EpollHub(_Watched):
     """Edge-triggered epoll: one registration per fd for its whole life."""
 
@@ -119,13 +122,16 @@ class EpollHub(_Watched):
         self._waker = _Waker()
         self._ep.register(self._waker.rfd, select.EPOLLIN)
         self._data: dict[int, Any] = {}
+        self._muted: set[int] = set()  # fds registered without EPOLLIN (see interest)
         self.wake = self._waker.wake
 
     def add(self, fd: int, data: Any) -> None:
         self._ep.register(fd, self._MASK)
         self._data[fd] = data
+        self._muted.discard(fd)
 
     def remove(self, fd: int) -> None:
+        self._muted.discard(fd)
         self._data.pop(fd, None)
         try:
             self._ep.unregister(fd)
@@ -133,15 +139,29 @@ class EpollHub(_Watched):
             pass
 
     def forget(self, fd: int) -> None:
+        self._muted.discard(fd)
         # Events the kernel reports for it until it is closed find no data: poll() drops them.
         self._data.pop(fd, None)
 
     def interest(self, fd: int, read: bool, write: bool) -> None:
+        muted = self._muted
         if write:
             # Re-polling the fd sets the kernel's "no space" mark, so the socket
             # reports EPOLLOUT as soon as the peer's ACKs free room; and if it is
             # already writable, the event is queued now. No wakeup is lost.
-            self._ep.modify(fd, self._MASK)
+            self._ep.modify(fd, self._MASK if read else self._MASK & ~_READ_EVENTS)
+        elif read == (fd not in muted):
+            return  # as registered already: no epoll_ctl
+        else:
+            # Unmuted, the re-poll queues an event now if it is readable: none is lost.
+            # Muted: not read for now (a source waiting for its drain, say); edge-triggered
+            # epoll would still report every segment that arrives (each one an edge), a
+            # wakeup for nothing each. Its hang-up and error events stay.
+            self._ep.modify(fd, self._MASK if read else self._MASK & ~(_READ_EVENTS | select.EPOLLOUT))
+        if read:
+            muted.discard(fd)
+        else:
+            muted.add(fd)
 
     def poll(self, timeout: float | None) -> list[tuple[Any, int]]:
         events = self._ep.poll(-1 if timeout is None else timeout, 512)
