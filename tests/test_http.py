@@ -946,5 +946,8 @@ def test_a_client_that_sends_on_or_closes_while_its_response_is_awaited(start_ht
         raw = recv_until_eof(sock, 10)
     want = b"r0r1" if pipelined else b"r0"
     assert re.findall(rb"\r\n\r\n(r\d)", raw) == [want[i:i + 2] for i in range(0, len(want), 2)]
+    heads = re.findall(rb"HTTP/1.1 200 OK\r\n(.*?)\r\n\r\n", raw, re.S)
+    # the FIN was read ahead before the last answer's head: that one says close, the others not
+    assert [b"connection: close" in h.lower() for h in heads] == [False] * (len(heads) - 1) + [True]
     statuses = [f["status"] for f in wait_lines(proxy, len(want) // 2)]
     assert statuses == ["200"] * (len(want) // 2)
