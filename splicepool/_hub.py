@@ -23,7 +23,9 @@ One contract, several mechanisms (as CPython's ``selectors`` does it):
 * ``close()`` releases the hub's own fds.
 
 ``EpollHub`` (Linux) is edge-triggered: each fd is registered once for
-everything, so a pass never needs an ``epoll_ctl`` except to arm a drain wait.
+everything, so a pass never needs an ``epoll_ctl`` except to arm a drain wait
+and, around that wait, to mute and unmute its source's read events (a source
+not read for now would report every segment that arrives: a wakeup for nothing).
 ``SelectorHub`` is the portable, level-triggered fallback (kqueue, poll).
 """
 
@@ -109,7 +111,8 @@ _READ_EVENTS = select.EPOLLIN | select.EPOLLPRI  # what a muted fd (not read for
 
 
 class EpollHub(_Watched):
-    """Edge-triggered epoll: one registration per fd for its whole life."""
+    """Edge-triggered epoll: one registration per fd for its whole life, its read events
+    muted while the worker does not read it."""
 
     _MASK = (
         select.EPOLLIN | select.EPOLLPRI | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
