@@ -15,8 +15,9 @@ One session per client connection, with two legs: the request leg (the client's 
 the upstream's write side) and the response leg (the upstream's read side, the client's
 write side). They run at the same time, so a response that comes before its request body is
 over (an early error, a 100 Continue) is forwarded at once. Requests are answered in order:
-the next request head is read once the exchange before it is over (pipelined requests wait,
-unread, in the client's socket or the session's buffer).
+the next request head is parsed once the exchange before it is over (pipelined requests
+wait in the session's buffer, where one read made while a request is upstream puts them, or
+unread in the client's socket).
 
 Keep-alive on both legs: a client connection carries requests until either side says
 ``Connection: close`` (or HTTP/1.0 without keep-alive) or a response is close-delimited. The
@@ -492,8 +493,10 @@ class HttpProxyServer(ProxyServer):
         next request, its FIN) and stop watching until the exchange is over. A reset client
         counts as one that closed: writing the response to it says the rest."""
         rq = s.rq
+        src = rq.src
+        assert src is not None
         try:
-            data = rq.src.recv(READ_SIZE)  # type: ignore[union-attr]
+            data = src.recv(READ_SIZE)
         except BlockingIOError:
             return
         except OSError:
