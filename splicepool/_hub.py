@@ -131,7 +131,6 @@ class EpollHub(_Watched):
     def add(self, fd: int, data: Any) -> None:
         self._ep.register(fd, self._MASK)
         self._data[fd] = data
-        self._muted.discard(fd)
 
     def remove(self, fd: int) -> None:
         self._muted.discard(fd)
