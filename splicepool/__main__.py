@@ -301,7 +301,7 @@ def _prog() -> str:
 
 
 # The long options of `proxy`, as a --config file names them, by kind.
-FLAG_OPTIONS = {"accept-proxy", "bind-cpus", "reuse-port"}  # true or false
+FLAG_OPTIONS = {"accept-proxy", "bind-cpus", "reuse-port", "loop-thread"}  # true or false
 BOOLEAN_OPTIONS = {"nodelay"}  # true or false: --nodelay / --no-nodelay
 LIST_OPTIONS = {"connect", "sni", "allow", "deny", "proxy-from", "user", "allow-target", "deny-target"}  # may repeat: a list
 VALUE_OPTIONS = {
@@ -479,6 +479,10 @@ def _add_common(p: argparse.ArgumentParser, d: Any) -> None:
     p.add_argument("--bind-cpus", action="store_true", default=d(False),
                    help="bind worker thread i to the i-th CPU this process may use "
                    "(see docs/performance.md)")
+    p.add_argument("--loop-thread", action="store_true", default=d(False),
+                   help="proxy, socks: run the accept loop in a thread of its own (default: on "
+                   "the first worker thread, which then also logs; one thread less to hand "
+                   "each connection over to; http's loop always has its own)")
     p.add_argument("--reuse-port", action="store_true", default=d(False),
                    help="set SO_REUSEPORT on the listening socket")
     p.add_argument("--processes", type=_count(1), default=d(1), metavar="N",
@@ -746,7 +750,7 @@ def _server(args: argparse.Namespace, pool: SplicePool, routes: Routes,
             response_timeout=args.response_timeout, proto=args.forwarded_proto,
             max_idle=args.max_idle_upstream, upstream_idle=args.upstream_idle_timeout, **common,
         )
-    return ProxyServer(args.listen, routes, **common)
+    return ProxyServer(args.listen, routes, on_worker=not args.loop_thread, **common)
 
 
 _RESTART_FIRST = 0.1  # seconds before replacing a dead child...
@@ -903,16 +907,40 @@ def run_processes(args: argparse.Namespace, argv: list[str] | None = None) -> in
     return failed
 
 
+class _LogFormat(logging.Formatter):
+    """``TIME PID LEVEL MESSAGE``, with the pid read once per process, not once per line
+    (``logging.logProcesses`` off: each record would make a ``getpid`` system call)."""
+
+    pid = os.getpid()
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.process = self.pid
+        return super().format(record)
+
+
+def _after_fork() -> None:
+    _LogFormat.pid = os.getpid()
+
+
+def _log_to_stderr(level: str) -> None:
+    """The CLI's logging: one line per record on stderr. A finished connection logs one,
+    so a record costs only what its line needs: no thread, process or multiprocessing
+    names looked up (the logging HOWTO's "Optimization"), the pid kept per process."""
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    os.register_at_fork(after_in_child=_after_fork)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogFormat("%(asctime)s %(process)d %(levelname)s %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
     # A SIGHUP before its handler is in place would kill the proxy (its default action):
     # block it until run_proxy handles it (run_processes blocks it itself).
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     args = load_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(process)d %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    _log_to_stderr(args.log_level)
     limit = raise_nofile_limit()
     logging.getLogger("splicepool.proxy").debug("open-file limit: %d", limit)
     try:

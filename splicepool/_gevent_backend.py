@@ -32,6 +32,8 @@ _WRITE = 2
 class GeventHub:
     """Level-triggered hub on the gevent loop's io watchers (one per fd and direction)."""
 
+    guest_ready = False  # always: a greenlet worker hosts no loop (SplicePool.host refuses)
+
     def __init__(self) -> None:
         self._loop = gevent.get_hub().loop
         self._watchers: dict[int, tuple[Any, Any, Any]] = {}  # fd -> (read, write, data)

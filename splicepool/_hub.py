@@ -20,6 +20,9 @@ One contract, several mechanisms (as CPython's ``selectors`` does it):
   (error or hang-up), ``HANGUP`` (FIN or error: epoll only) and ``URGENT`` (TCP
   urgent data: epoll only). Level-triggered hubs report ``IN`` and ``WRITE`` only.
 * ``wake()`` may be called from any thread and makes ``poll`` return soon.
+* ``host(fd)`` watches one more fd, level-triggered, outside the map: the fd of a loop
+  the worker runs besides its splices (``SplicePool.host``). ``poll`` reports it by
+  setting ``guest_ready``, not in its list; ``unhost()`` stops watching it.
 * ``close()`` releases the hub's own fds.
 
 ``EpollHub`` (Linux) is edge-triggered: each fd is registered once for
@@ -126,6 +129,8 @@ class EpollHub(_Watched):
         self._ep.register(self._waker.rfd, select.EPOLLIN)
         self._data: dict[int, Any] = {}
         self._muted: set[int] = set()  # fds registered without EPOLLIN (see interest)
+        self._guest = -1  # the hosted loop's fd (see host), -1 for none
+        self.guest_ready = False
         self.wake = self._waker.wake
 
     def add(self, fd: int, data: Any) -> None:
@@ -178,7 +183,21 @@ class EpollHub(_Watched):
                 out.append((ep, flags))
             elif fd == wfd:
                 self._waker.consume()
+            elif fd == self._guest:
+                self.guest_ready = True
         return out
+
+    def host(self, fd: int) -> None:
+        self._ep.register(fd, select.EPOLLIN)  # level-triggered: what a step leaves is reported again
+        self._guest = fd
+
+    def unhost(self) -> None:
+        fd, self._guest = self._guest, -1
+        self.guest_ready = False
+        try:
+            self._ep.unregister(fd)
+        except (OSError, ValueError):
+            pass
 
     def close(self) -> None:
         self._ep.close()
@@ -194,6 +213,8 @@ class SelectorHub(_Watched):
         self._sel.register(self._waker.rfd, selectors.EVENT_READ)
         self._mask: dict[int, int] = {}
         self._data: dict[int, Any] = {}
+        self._guest = -1
+        self.guest_ready = False
         self.wake = self._waker.wake
 
     def add(self, fd: int, data: Any) -> None:
@@ -227,11 +248,26 @@ class SelectorHub(_Watched):
             if key.fd == wfd:
                 self._waker.consume()
                 continue
+            if key.fd == self._guest:
+                self.guest_ready = True
+                continue
             flags = (IN if ev & selectors.EVENT_READ else 0) | (
                 WRITE if ev & selectors.EVENT_WRITE else 0
             )
             out.append((key.data, flags))
         return out
+
+    def host(self, fd: int) -> None:
+        self._sel.register(fd, selectors.EVENT_READ)
+        self._guest = fd
+
+    def unhost(self) -> None:
+        fd, self._guest = self._guest, -1
+        self.guest_ready = False
+        try:
+            self._sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
 
     def close(self) -> None:
         self._sel.close()

@@ -55,6 +55,7 @@ _OUT_WAIT_SOURCE, _OUT_WAIT_DRAIN, _OUT_REQUEUE, _OUT_MORE = (
     xfer.WAIT_SOURCE, xfer.WAIT_DRAIN, xfer.REQUEUE, xfer.MORE)
 _STALE_TIMERS_MIN = 64  # ended splices' timer entries tolerated before the heap is compacted
 _MAX_SLEEP = 3600.0  # longest single hub sleep, in seconds
+_INF = float("inf")
 # Why a queued pass runs, from the phase it was queued in.
 _WHY = {P.QUEUED: 0, P.QUEUED_READ: xfer.FRESH, P.QUEUED_DRAIN: xfer.WOKE_FOR_DRAIN,
         P.QUEUED_CHECK: xfer.CHECK_DRAIN}
@@ -125,6 +126,26 @@ class Close:
 
     def drop(self, worker: Worker, reason: EndReason, err: OSError | None) -> None:
         pass
+
+
+class Host:
+    """``pool.host(guest)``: run ``guest``'s loop on this worker too (see ``Worker._host``)."""
+
+    __slots__ = ("guest",)
+
+    def __init__(self, guest: Any) -> None:
+        self.guest = guest
+
+    def handle(self, worker: Worker) -> None:
+        worker._host(self.guest)
+
+    def drop(self, worker: Worker, reason: EndReason, err: OSError | None) -> None:
+        self.guest.unhosted(_stopped(worker, err))
+
+
+def _stopped(worker: Worker, err: OSError | None) -> OSError:
+    """What a guest is told when the worker hosting it stops (``err``: the crash, if one)."""
+    return err or oserror(errno.ESHUTDOWN, f"splicepool worker {worker.index} stopped: the pool was closed")
 
 
 # -- timers ------------------------------------------------------------------------------
@@ -206,6 +227,8 @@ class Worker:
         self.join: Any = self.exited.wait
         self._closing_at: float | None = None
         self.wakeups = 0  # for stats(); written by this worker only
+        self.guest: Any = None  # a loop this worker runs besides its splices (see _host)
+        self._guest_due = _INF  # when the guest's next step is due, without an event
 
     # -- life ----------------------------------------------------------------
     def start(self) -> None:
@@ -247,6 +270,8 @@ class Worker:
         for msg in self.control:  # nothing posts after accepting is cleared
             msg.drop(self, reason, err)
         self.control.clear()
+        if self.guest is not None:
+            self._unhost(_stopped(self, err))
         for sp in self.assigned():
             self._abandon_safely(sp, reason, err)
         self.xfer.close()
@@ -264,7 +289,7 @@ class Worker:
         xf = self.xfer
         now = xf.now = clock()
         while True:
-            if ready:
+            if ready or control:  # control: queued by this worker itself (no wakeup was made)
                 timeout: float | None = 0.0
             else:
                 timeout = None
@@ -272,6 +297,9 @@ class Worker:
                     timeout = max(0.0, heap[0][0] - now)
                 if self._closing_at is not None:
                     left = max(0.0, self._closing_at - now)
+                    timeout = left if timeout is None else min(timeout, left)
+                if self._guest_due != _INF:
+                    left = max(0.0, self._guest_due - now)
                     timeout = left if timeout is None else min(timeout, left)
                 if timeout is not None and timeout > _MAX_SLEEP:
                     timeout = _MAX_SLEEP  # epoll takes a C int of milliseconds; a far deadline waits again
@@ -281,6 +309,8 @@ class Worker:
                 self.wakeups += 1
                 for ep, flags in events:
                     dispatch(ep, flags)
+            if hub.guest_ready or self._guest_due <= now:
+                self._run_guest(now)  # before the control queue: it may queue relays there
             if control:
                 self._process_control()
             if heap and heap[0][0] <= now:
@@ -454,6 +484,50 @@ class Worker:
         # source moves at once, as both kernels move it inside setsockopt().
         move(sp, E.TAKE_UP)
         self.run_one(sp)
+
+    # -- a hosted loop ----------------------------------------------------------
+    def _host(self, guest: Any) -> None:
+        """Run ``guest`` on this worker, between passes, until it says it has finished.
+
+        ``guest.fd`` is watched (level-triggered: readable while the guest has work);
+        ``guest.step(now)`` runs when it is readable or when the deadline the last step
+        returned (a monotonic time, ``inf`` for none) has come, and returns the next
+        deadline, or None once the guest has finished. ``guest.unhosted(exc)`` is called
+        when the worker stops running it: ``exc`` None after a step returned None, the
+        exception a step raised (a bug in the guest ends the guest, not the worker), or
+        an ``OSError`` when the worker stops (``ESHUTDOWN``: the pool was closed). A step
+        must never block: every splice of this worker waits for it.
+        """
+        if self.guest is not None or self._closing_at is not None:
+            guest.unhosted(_stopped(self, None) if self._closing_at is not None
+                           else RuntimeError(f"splicepool worker {self.index} already hosts {self.guest!r}"))
+            return
+        self.hub.host(guest.fd)
+        self.guest = guest
+        self._run_guest(self.xfer.now)
+
+    def _run_guest(self, now: float) -> None:
+        self.hub.guest_ready = False
+        guest = self.guest
+        if guest is None:
+            self._guest_due = _INF
+            return
+        try:
+            due = guest.step(now)
+        except Exception as exc:
+            self._unhost(exc)
+            return
+        if due is None:
+            self._unhost(None)
+        else:
+            self._guest_due = due
+
+    def _unhost(self, exc: BaseException | None) -> None:
+        guest = self.guest
+        self.guest = None
+        self._guest_due = _INF
+        self.hub.unhost()
+        guest.unhosted(exc)
 
     def _unsplice(self, sp: Any) -> None:
         if sp.phase in LIVE:

@@ -318,7 +318,8 @@ class SplicePool:
             control.append(engine.Add(forward, None))
             control.append(engine.Add(reverse, None))
             if wake:
-                worker.hub.wake()
+                if not worker.is_current():
+                    worker.hub.wake()
             elif worker not in self._unwoken:
                 self._unwoken.append(worker)
         return relay
@@ -331,9 +332,24 @@ class SplicePool:
             return
         with self.registry.lock:  # a worker that has exited (accepting cleared) has no hub left
             for worker in unwoken:
-                if worker.accepting:
-                    worker.hub.wake()
+                if worker.accepting and not worker.is_current():  # a hosted loop's own worker
+                    worker.hub.wake()  # takes its queue up when the loop's step returns
             unwoken.clear()
+
+    def host(self, guest: Any) -> None:
+        """Run ``guest``, another event loop, on the first worker thread, between its
+        passes: for the CLI's server (``ProxyServer(on_worker=True)``), whose accept loop
+        then shares a thread with the relays it hands over instead of handing each to
+        another thread. The guest's protocol is ``engine.Worker._host``'s; it is told by
+        ``guest.unhosted(exc)`` when it stops being run. ``ValueError`` for the gevent
+        backend (its workers are greenlets: a loop of its own has a thread to run in);
+        ``RuntimeError`` if the pool is closed.
+        """
+        if self.options.backend != "thread":
+            raise ValueError(f"host() needs the thread backend, not {self.options.backend!r}")
+        with self.registry.lock:
+            self.registry.check_open()
+            self._worker(0).post(engine.Host(guest))
 
     def _start(self, pairs: tuple[tuple[Any, SockInfo, Any, SockInfo], ...], max: int,
                idle: float | None, close: bool, wait: bool, relay: Proxy | None) -> list[Splice]:

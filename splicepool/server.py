@@ -1,7 +1,11 @@
 """ProxyServer: the TCP proxy behind ``python -m splicepool proxy``.
 
-One thread accepts and connects, without blocking: a selector watches the
-listening socket, the upstream connects in progress and a wakeup fd. Each
+One loop accepts and connects, without blocking: a selector watches the
+listening socket, the upstream connects in progress and a wakeup fd. It runs in
+the thread that calls ``serve_forever``, or (``on_worker=True``, what the CLI
+does) on the pool's first worker thread, between its splices' passes: the
+worker's epoll watches the selector's, and no connection that worker carries is
+handed from one thread to another. Each
 connection, once its upstream is connected, is handed to the pool
 (``SplicePool.proxy_accepted``: ``proxy`` without probing the two sockets this
 loop made itself; an accept burst wakes each worker once, at its end);
@@ -41,6 +45,7 @@ log = logging.getLogger("splicepool.proxy")
 ACCEPT_BURST = 64  # connections accepted per wakeup before looking at the rest
 EMFILE_BACKOFF = 0.1  # seconds without accepting after running out of fds
 _MAX_WAIT = 3600.0  # the longest single selector wait: epoll's limit is ~24.8 days, inf overflows
+_INF = float("inf")
 
 
 def parse_hostport(text: str, *, default_host: str | None = None) -> tuple[str, int]:
@@ -245,6 +250,36 @@ class _Live:
         self._server._wake()
 
 
+class _Hosted:
+    """A ``ProxyServer``'s loop as the guest of a pool worker (``on_worker=True``): see
+    ``SplicePool.host``."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.fd = server._sel.fileno()
+        self.ended = threading.Event()
+        self.error: BaseException | None = None
+        self.quit = False  # serve_forever's caller left early: give the loop back at once
+
+    def step(self, _now: float) -> float | None:
+        if self.quit:
+            return None
+        server = self.server
+        server._run_once(server._sel.select(0))
+        now = time.monotonic()
+        if server._should_end(now):
+            return None
+        timeout = server._timeout(now, server._drain_until)
+        return _INF if timeout is None else now + timeout
+
+    def unhosted(self, exc: BaseException | None) -> None:
+        self.error = exc
+        self.ended.set()
+
+    def __repr__(self) -> str:
+        return f"<the loop of the proxy on {format_addr(self.server.address)}>"
+
+
 class ProxyServer:
     """Accept on ``listen``, connect to a backend, splice the two with the ``pool``.
 
@@ -265,6 +300,14 @@ class ProxyServer:
     connection after it has ended and been counted and logged, with the ``Proxy``
     (``relay.forward`` is client → upstream). It runs in the server's loop thread,
     so keep it short; an exception it raises is logged, not fatal.
+
+    ``on_worker=True`` runs the loop on the pool's first worker thread (``SplicePool.host``)
+    instead of the thread that calls ``serve_forever``, which then only waits for it to
+    end: a connection that worker carries is never handed to another thread (the GIL
+    changing hands, a wakeup), so short connections cost less (docs/performance.md).
+    The loop, its log lines and ``on_finished`` then share that thread with the worker's
+    splices: a log handler that blocks stalls them. Ignored (the loop keeps its thread)
+    for the gevent backend and on a system whose selector has no fd of its own.
     """
 
     def __init__(
@@ -282,6 +325,7 @@ class ProxyServer:
         listener: socket.socket | None = None,
         on_finished: Callable[[int, str, Proxy], None] | None = None,
         reloader: Callable[[Routes], tuple[Routes, dict[str, Any]]] | None = None,
+        on_worker: bool = False,
     ) -> None:
         self.pool = pool
         self.on_finished = on_finished
@@ -312,6 +356,8 @@ class ProxyServer:
         self._nodelay_each = nodelay and not _set_nodelay(self.listener)
         self._nodelay_checked = not nodelay
         self._sel = selectors.DefaultSelector()
+        # The loop on a worker: a thread backend, and a selector that has an fd to watch.
+        self.on_worker = on_worker and pool.backend == "thread" and hasattr(self._sel, "fileno")
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_pending = False  # a byte is in the wakeup pipe that the loop has not read
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
@@ -387,30 +433,46 @@ class ProxyServer:
 
     # -- the loop ------------------------------------------------------------
     def serve_forever(self, grace: float = 10.0) -> None:
-        """Serve until ``stop()``; then let live connections finish for ``grace`` seconds."""
+        """Serve until ``stop()``; then let live connections finish for ``grace`` seconds.
+
+        With ``on_worker``, the loop runs on the pool's first worker thread and this
+        thread only waits for it to end (signal handlers still run here)."""
         self._set_accepting(True)
         self._start_upkeep()
         log.info("listening on %s, proxying to %s", format_addr(self.address), self.routes.describe())
-        drain_until = None
+        self._grace = grace
+        self._drain_until: float | None = None
         try:
-            while True:
-                if self._stop_requested and not self._stopping:
-                    self._begin_stop()
-                    drain_until = time.monotonic() + grace
-                    log.info(
-                        "stopping: %d connection(s) live, waiting up to %.1f s",
-                        self.counters.live,
-                        grace,
-                    )
-                if self._stopping and self.counters.live == 0 and not self._connecting:
-                    break
-                now = time.monotonic()
-                if drain_until is not None and now >= drain_until:
-                    log.info("grace period over: closing %d connection(s)", self.counters.live)
-                    break
-                self._run_once(self._sel.select(self._timeout(now, drain_until)))
+            if self.on_worker:
+                hosted = _Hosted(self)
+                self.pool.host(hosted)
+                try:
+                    hosted.ended.wait()
+                except BaseException:  # KeyboardInterrupt, say: take the loop back first
+                    hosted.quit = True
+                    self._wake()
+                    hosted.ended.wait()
+                    raise
+                if hosted.error is not None:
+                    raise hosted.error
+                return
+            while not self._should_end(time.monotonic()):
+                self._run_once(self._sel.select(self._timeout(time.monotonic(), self._drain_until)))
         finally:
             self._shutdown()
+
+    def _should_end(self, now: float) -> bool:
+        """Whether the loop is over (stopped, and every connection ended or the grace over)."""
+        if self._stop_requested and not self._stopping:
+            self._begin_stop()
+            self._drain_until = now + self._grace
+            log.info("stopping: %d connection(s) live, waiting up to %.1f s", self.counters.live, self._grace)
+        if self._stopping and self.counters.live == 0 and not self._connecting:
+            return True
+        if self._drain_until is not None and now >= self._drain_until:
+            log.info("grace period over: closing %d connection(s)", self.counters.live)
+            return True
+        return False
 
     def close(self) -> None:
         """Release what the constructor took (listener, selector, wakeup pipe, pool) without
