@@ -554,8 +554,12 @@ def short_connections(upstream, proxy, total: int, concurrency: int = 16) -> dic
     return figures
 
 
-def test_1000_short_connections_leave_no_fd_thread_or_memory_behind(upstreams, start_proxy):
-    proxy = start_proxy((upstream := upstreams()).addr, "--workers", "2", stats=True)
+@pytest.mark.parametrize("layout", [("--workers", "2"), ("--workers", "2", "--loop-thread"), ("--workers", "1")],
+                         ids=["loop-on-worker-0", "loop-thread", "one-thread"])
+def test_1000_short_connections_leave_no_fd_thread_or_memory_behind(upstreams, start_proxy, layout):
+    """The accept loop on the first worker (the default), in a thread of its own, and the
+    whole proxy as one thread: every byte, every line, nothing left behind."""
+    proxy = start_proxy((upstream := upstreams()).addr, *layout, stats=True)
     short_connections(upstream, proxy, 1000)
 
 
