@@ -224,16 +224,18 @@ def run_bulk(peer: Peer, s: Settings, streams: int) -> dict:
     generators and the kernel's softirq work together)."""
     with bulk_upstream(s) as up, peer.start(up, s.workdir) as relay:
         before = cpu_seconds(relay.pid) if relay.proc else None
+        user_before = cpu_seconds(relay.pid, user_only=True) if relay.proc else None
         busy0, total0 = machine_cpu()
         out = run_json(bulk_client(relay.port, streams, s.duration, s), timeout=s.duration + 60)
         busy1, total1 = machine_cpu()
         moved, rate = bulk_result(out, s)
-        cpu_per_gib = None
+        cpu_per_gib = user_per_gib = None
         if before is not None:
             wait_single(relay.pid)  # socat: let the per-connection processes exit and be reaped
             cpu_per_gib = (cpu_seconds(relay.pid) - before) / (moved / GiB)
+            user_per_gib = (cpu_seconds(relay.pid, user_only=True) - user_before) / (moved / GiB)
     busy, total = busy1 - busy0, total1 - total0
-    return {"mib_s": rate, "cpu_s_per_gib": cpu_per_gib, "bytes": moved,
+    return {"mib_s": rate, "cpu_s_per_gib": cpu_per_gib, "user_s_per_gib": user_per_gib, "bytes": moved,
             "machine_busy_pct": 100 * busy / total if total else None,
             "machine_cpu_s_per_gib": busy / (moved / GiB)}
 
@@ -365,7 +367,8 @@ def skip_reason(workload: str, peer: Peer, s: Settings) -> str | None:
 def summary(workload: str, v: dict) -> str:
     """One progress line's worth of a result."""
     if workload.startswith("bulk"):
-        cpu = f", CPU {v['cpu_s_per_gib']:.3f} s/GiB" if v["cpu_s_per_gib"] is not None else ""
+        cpu = (f", CPU {v['cpu_s_per_gib']:.3f} s/GiB (user {v['user_s_per_gib']:.3f})"
+               if v["cpu_s_per_gib"] is not None else "")
         return f"{v['mib_s']:.0f} MiB/s{cpu}"
     if workload == "latency":
         return f"p50 {v['p50_us']:.0f} µs, p99 {v['p99_us']:.0f} µs"
@@ -401,6 +404,8 @@ def metrics(s: Settings) -> list[Metric]:
         Metric("bulk4", "mib_s", "bulk, 4 streams: MiB/s", "{:.0f}", "higher", True),
         Metric("bulk1", "cpu_s_per_gib", "relay CPU per GiB, 1 stream: s", "{:.3f}", "lower"),
         Metric("bulk4", "cpu_s_per_gib", "relay CPU per GiB, 4 streams: s", "{:.3f}", "lower"),
+        Metric("bulk1", "user_s_per_gib", "of which in user mode, 1 stream: s", "{:.3f}", "lower"),
+        Metric("bulk4", "user_s_per_gib", "of which in user mode, 4 streams: s", "{:.3f}", "lower"),
         Metric("bulk1", "machine_busy_pct", "all CPUs busy during 1 stream: %", "{:.0f}"),
         Metric("bulk1", "machine_cpu_s_per_gib", "whole machine CPU per GiB, 1 stream: s", "{:.3f}"),
         Metric("bulk4", "machine_busy_pct", "all CPUs busy during 4 streams: %", "{:.0f}"),
@@ -626,7 +631,7 @@ def notes(peers: list[Peer], s: Settings, runs: list[dict]) -> list[str]:
         "(n×): the median ÷ direct's",
         f"bulk: {tool}",
         "relay CPU: utime+stime from /proc/PID/stat of the relay's process tree, before and after the "
-        "run, ÷ GiB received",
+        "run, ÷ GiB received; in user mode: utime alone (the rest is the kernel's work for it)",
         "all CPUs busy / whole machine CPU: /proc/stat's user+nice+system+irq+softirq over the run, "
         "as a share of all CPUs' time and ÷ GiB received (relay, load generators and softirq "
         "together: at 100% the machine, not the relay, sets the throughput)",

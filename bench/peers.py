@@ -155,19 +155,23 @@ def tree(pid: int) -> list[int]:
     return found
 
 
-def _stat_cpu(pid: int) -> float:
-    """utime + stime + cutime + cstime of one process, in seconds (0 if it is gone)."""
+def _stat_cpu(pid: int, user_only: bool = False) -> float:
+    """utime + stime + cutime + cstime of one process, in seconds (0 if it is gone);
+    ``user_only``: utime + cutime."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
+    if user_only:
+        return (int(fields[11]) + int(fields[13])) / CLK_TCK
     return sum(int(x) for x in fields[11:15]) / CLK_TCK
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time of ``pid``'s tree: every live process's own time plus that of the reaped ones."""
-    return sum(_stat_cpu(p) for p in tree(pid))
+def cpu_seconds(pid: int, user_only: bool = False) -> float:
+    """CPU time of ``pid``'s tree: every live process's own time plus that of the reaped ones
+    (``user_only``: the time in user mode; the rest is the kernel's, for the process)."""
+    return sum(_stat_cpu(p, user_only) for p in tree(pid))
 
 
 def machine_cpu() -> tuple[float, float]:
