@@ -96,9 +96,21 @@ class _Waker:
 
 
 class _Watched:
-    """The fd -> data map both selector hubs keep (``get``, ``watched``, ``len``)."""
+    """The fd -> data map both selector hubs keep (``get``, ``watched``, ``len``), and the
+    hosted loop's fd (``unhost``; each hub's ``host`` registers it its own way)."""
 
     _data: dict[int, Any]
+    _guest = -1  # the hosted loop's fd (see host), -1 for none
+    guest_ready = False
+    _unregister: Callable[[int], Any]  # the selector's or epoll's own
+
+    def unhost(self) -> None:
+        fd, self._guest = self._guest, -1
+        self.guest_ready = False
+        try:
+            self._unregister(fd)
+        except (OSError, KeyError, ValueError):
+            pass
 
     def get(self, fd: int) -> Any:
         return self._data.get(fd)
@@ -129,8 +141,7 @@ class EpollHub(_Watched):
         self._ep.register(self._waker.rfd, select.EPOLLIN)
         self._data: dict[int, Any] = {}
         self._muted: set[int] = set()  # fds registered without EPOLLIN (see interest)
-        self._guest = -1  # the hosted loop's fd (see host), -1 for none
-        self.guest_ready = False
+        self._unregister = self._ep.unregister
         self.wake = self._waker.wake
 
     def add(self, fd: int, data: Any) -> None:
@@ -191,14 +202,6 @@ class EpollHub(_Watched):
         self._ep.register(fd, select.EPOLLIN)  # level-triggered: what a step leaves is reported again
         self._guest = fd
 
-    def unhost(self) -> None:
-        fd, self._guest = self._guest, -1
-        self.guest_ready = False
-        try:
-            self._ep.unregister(fd)
-        except (OSError, ValueError):
-            pass
-
     def close(self) -> None:
         self._ep.close()
         self._waker.close()
@@ -213,8 +216,7 @@ class SelectorHub(_Watched):
         self._sel.register(self._waker.rfd, selectors.EVENT_READ)
         self._mask: dict[int, int] = {}
         self._data: dict[int, Any] = {}
-        self._guest = -1
-        self.guest_ready = False
+        self._unregister = self._sel.unregister
         self.wake = self._waker.wake
 
     def add(self, fd: int, data: Any) -> None:
@@ -260,14 +262,6 @@ class SelectorHub(_Watched):
     def host(self, fd: int) -> None:
         self._sel.register(fd, selectors.EVENT_READ)
         self._guest = fd
-
-    def unhost(self) -> None:
-        fd, self._guest = self._guest, -1
-        self.guest_ready = False
-        try:
-            self._sel.unregister(fd)
-        except (KeyError, ValueError):
-            pass
 
     def close(self) -> None:
         self._sel.close()

@@ -73,8 +73,9 @@ def moves(pool: SplicePool) -> bool:
 
 
 @threads_only
-def test_a_guest_steps_on_the_worker_until_it_has_read_everything_then_finishes():
-    with SplicePool(workers=1) as pool:
+@pytest.mark.parametrize("hub", ["epoll", "selector"])
+def test_a_guest_steps_on_the_worker_until_it_has_read_everything_then_finishes(hub):
+    with SplicePool(workers=1, hub=hub) as pool:
         a, b = socket.socketpair()
         with a, b:
             guest = Guest(a)
@@ -91,8 +92,9 @@ def test_a_guest_steps_on_the_worker_until_it_has_read_everything_then_finishes(
 
 
 @threads_only
-def test_a_step_runs_at_the_deadline_the_last_one_returned_with_nothing_to_read():
-    with SplicePool(workers=1) as pool:
+@pytest.mark.parametrize("hub", ["epoll", "selector"])
+def test_a_step_runs_at_the_deadline_the_last_one_returned_with_nothing_to_read(hub):
+    with SplicePool(workers=1, hub=hub) as pool:
         a, b = socket.socketpair()
         with a, b:
             guest = Guest(a, due=time.monotonic() + 0.2)
