@@ -5,6 +5,7 @@ Python calls (cProfile of the accept loop and of each worker).
                                      [--conns 1000] [--size 65536] [--args "..."]
     python bench/conn_cost.py profile [--tree PATH] [--conns 1000] [--size 65536] [--args "..."]
     python bench/conn_cost.py cpu [--peer ...] [--tree PATH] [--conns 1000] [--size 65536] [--reps 3]
+    python bench/conn_cost.py gil [--tree PATH] [--size 65536] [--seconds 5] [--args "..."]
 
 Both run bench/compare.py's ``conns`` workload (bench/loadgen.py: ``--conns`` connections,
 50 at a time, each echoing ``--size`` distinct bytes through an echo server) once through
@@ -20,6 +21,12 @@ cProfile on in its main thread (the accept loop) and in every worker thread, and
 for each the functions by own time, with calls per connection. cProfile slows the
 proxy down several times: read the call counts and the shares, not the times.
 
+``gil`` runs a sustained load instead (50 clients opening connections of ``--size`` bytes
+for as long as it takes) and records the proxy twice with py-spy for ``--seconds`` each:
+once every thread at every sample (``--idle``), once only the thread holding the GIL
+(``--gil``). The share of samples with a holder is how much of the time the GIL is held,
+and per connection, how long each holds it.
+
 ``cpu`` runs the workload ``--reps`` times through one relay process, untraced, and
 prints for each rep the relay's CPU time (user and system, /proc/PID/stat) and its
 context switches (voluntary and not, summed over its threads from /proc/PID/task/*/status)
@@ -33,6 +40,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,6 +223,54 @@ def run_profile(args: argparse.Namespace, workdir: str) -> None:
             print(f"  {nc / n:10.2f} {tt / n * 1e6:11.1f} {ct / n * 1e6:11.1f}  {func} ({where})")
 
 
+def _spy_samples(path: str) -> dict[str, int]:
+    """{thread: samples} from a ``py-spy record --threads --format raw`` file."""
+    per: dict[str, int] = {}
+    with open(path) as f:
+        for line in f:
+            stack, _, n = line.rstrip().rpartition(" ")
+            if stack:
+                thread = stack.split(";", 1)[0]
+                per[thread] = per.get(thread, 0) + int(n)
+    return per
+
+
+def run_gil(args: argparse.Namespace, workdir: str) -> None:
+    """How much of the time the proxy's threads hold the GIL, under a sustained load."""
+    spy = shutil.which("py-spy", path=os.path.dirname(sys.executable)) or shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("gil: py-spy is missing (pip install py-spy: the bench extra has it)")
+    s = settings(workdir)
+    peer = Peer("splicepool", "splicepool", shlex.split(args.args), root=args.tree or ROOT)
+    rate, seconds = 200, args.seconds
+    with upstream_server("echo", s) as (_, up), peer.start(up, workdir) as relay:
+        load = subprocess.Popen(
+            [sys.executable, LOADGEN, "conns", "--port", str(relay.port), "--count", str(10**9),
+             "--seconds", str(2 * seconds + 3), "--concurrency", "50", "--size", str(args.size)],
+            stdout=subprocess.PIPE)
+        try:
+            time.sleep(1.0)  # past the start: workers up, pipes made
+            samples = {}
+            for flag in ("--idle", "--gil"):  # every thread, always; then only the GIL's holder
+                out = os.path.join(workdir, f"spy{flag}.raw")
+                subprocess.run([spy, "record", "-p", str(relay.pid), "-r", str(rate), "-d", str(seconds),
+                                "--threads", "-f", "raw", "-o", out, flag],
+                               capture_output=True, timeout=seconds + 60, check=True)
+                samples[flag] = _spy_samples(out)
+            result = json.loads(load.communicate(timeout=seconds + 120)[0].splitlines()[-1])
+        finally:
+            stop(load)
+    ticks = rate * seconds
+    held = sum(samples["--gil"].values())
+    per_conn = held / ticks / result["per_second"] * 1e6
+    print(f"{peer.describe()}: 50 clients × {args.size} B connections, {result['per_second']:.0f} conns/s, "
+          f"{result['errors']} errors; py-spy at {rate} Hz for {seconds} s, twice")
+    print(f"  GIL held {held / ticks:.2f} of the time, {per_conn:.0f} µs per connection")
+    for thread, n in sorted(samples["--idle"].items()):
+        print(f"  {thread}: holds it {samples['--gil'].get(thread, 0) / ticks:.2f} of the time "
+              f"({n / ticks:.2f} sampled)")
+
+
 def _free_port() -> int:
     from peers import free_port
 
@@ -223,7 +279,7 @@ def _free_port() -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["strace", "profile", "cpu"])
+    parser.add_argument("mode", choices=["strace", "profile", "cpu", "gil"])
     parser.add_argument("--peer", default="splicepool", choices=["splicepool", "haproxy-splice", "go", "haproxy"])
     parser.add_argument("--tree", help="the splicepool checkout to run (default: this one)")
     parser.add_argument("--conns", type=int, default=1000)
@@ -231,6 +287,7 @@ def main() -> int:
     parser.add_argument("--args", default="", help="extra arguments for the splicepool proxy")
     parser.add_argument("--reps", type=int, default=3, help="cpu: repetitions")
     parser.add_argument("--top", type=int, default=30, help="profile: rows per thread")
+    parser.add_argument("--seconds", type=int, default=5, help="gil: seconds of each py-spy recording")
     parser.add_argument("--json", help="strace: write the counts here too")
     args = parser.parse_args()
     raise_nofile_limit()
@@ -243,6 +300,8 @@ def main() -> int:
                     json.dump(data, f, indent=1)
         elif args.mode == "cpu":
             run_cpu(args, workdir)
+        elif args.mode == "gil":
+            run_gil(args, workdir)
         else:
             run_profile(args, workdir)
     return 0
