@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 
+from ._log import log_to_stderr
 from .acl import AccessList
 from .backends import BALANCES, lookup_host
 from .pool import SplicePool
@@ -907,40 +908,12 @@ def run_processes(args: argparse.Namespace, argv: list[str] | None = None) -> in
     return failed
 
 
-class _LogFormat(logging.Formatter):
-    """``TIME PID LEVEL MESSAGE``, with the pid read once per process, not once per line
-    (``logging.logProcesses`` off: each record would make a ``getpid`` system call)."""
-
-    pid = os.getpid()
-
-    def format(self, record: logging.LogRecord) -> str:
-        record.process = self.pid
-        return super().format(record)
-
-
-def _after_fork() -> None:
-    _LogFormat.pid = os.getpid()
-
-
-def _log_to_stderr(level: str) -> None:
-    """The CLI's logging: one line per record on stderr. A finished connection logs one,
-    so a record costs only what its line needs: no thread, process or multiprocessing
-    names looked up (the logging HOWTO's "Optimization"), the pid kept per process."""
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    os.register_at_fork(after_in_child=_after_fork)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_LogFormat("%(asctime)s %(process)d %(levelname)s %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
-
-
 def main(argv: list[str] | None = None) -> int:
     # A SIGHUP before its handler is in place would kill the proxy (its default action):
     # block it until run_proxy handles it (run_processes blocks it itself).
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     args = load_args(argv)
-    _log_to_stderr(args.log_level)
+    log_to_stderr(args.log_level)
     limit = raise_nofile_limit()
     logging.getLogger("splicepool.proxy").debug("open-file limit: %d", limit)
     try:

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -563,3 +564,73 @@ def test_400_clients_resetting_at_once_all_end_and_sigterm_does_not_wait_out_the
     proxy.signal(signal.SIGTERM)
     assert proxy.wait(timeout=10) == 0
     assert time.monotonic() - t0 < 5, "SIGTERM waited for a relay that never ended"
+
+
+# -- 12. a log nobody reads ------------------------------------------------------------------------
+@pytest.mark.parametrize(("stderr", "layout"), [("pipe", ()), ("pipe", ("--loop-thread",)), ("socket", ())],
+                         ids=["pipe", "pipe-loop-thread", "unix-socket"])
+def test_a_stderr_pipe_nobody_reads_never_stalls_the_proxy_and_says_what_it_dropped(upstreams, stderr, layout):
+    """A proxy whose stderr is a pipe that nobody reads (a supervisor that never drains it)
+    wrote each connection's log line there until the pipe was full (64 KiB, ~530 lines
+    here), then blocked in that write: no connection was accepted any more. Now a line
+    that cannot be written at once waits in a bounded queue for a writer thread, and what
+    does not fit is dropped and counted: every connection is served, and once the pipe is
+    read again each connection's line is there or counted in a "dropped" line. The same
+    for a stream socket (what systemd gives a service for its journal)."""
+    upstream = upstreams()
+    port = free_port()
+    if stderr == "pipe":
+        r, w = os.pipe()
+    else:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        r, w = a.detach(), b.detach()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "splicepool", "proxy", "--listen", f"127.0.0.1:{port}",
+         "--connect", upstream.addr, *layout],
+        stderr=w, stdout=subprocess.DEVNULL, cwd=ROOT)
+    os.close(w)
+    out = bytearray()
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while b" INFO listening on " not in out:  # the start's lines only: then nobody reads
+            assert time.monotonic() < deadline and proc.poll() is None, out.decode()
+            if select.select([r], [], [], 0.1)[0]:
+                out += os.read(r, 4096)
+        n = 4000  # ~450 KB of log lines: more than the pipe and the queue hold together
+        failures: list[BaseException] = []
+
+        def lane(k: int) -> None:
+            try:
+                for i in range(k, n, 8):
+                    data = f"{i:08d}".encode() * 8
+                    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                        c.sendall(data)
+                        c.shutdown(socket.SHUT_WR)
+                        assert recv_until_eof(c, timeout=5) == data
+            except BaseException as exc:
+                failures.append(exc)
+
+        lanes = [threading.Thread(target=lane, args=(k,)) for k in range(8)]
+        for t in lanes:
+            t.start()
+        for t in lanes:
+            t.join(120)
+        assert not failures, failures[:3]
+        assert all(not t.is_alive() for t in lanes)
+        proc.send_signal(signal.SIGTERM)
+        while chunk := os.read(r, 1 << 16):  # read at last: the queue drains, then EOF
+            out += chunk
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(r)
+    text = out.decode()
+    logged = len(re.findall(r" INFO conn \d+ \S+ -> \S+ up=64 down=64 duration=\S+ reason=EOF$", text, re.M))
+    dropped = [int(m) for m in re.findall(r" WARNING (\d+) log lines? dropped: stderr was not read", text)]
+    assert dropped, text[-2000:]
+    stopping = " INFO stopping: " in text  # logged after the SIGTERM: it may be a dropped one
+    assert logged + sum(dropped) == n + (0 if stopping else 1), (logged, dropped, stopping)
+    assert logged >= 2000  # the pipe's 64 KiB and the queue's 256 KiB at least
+    assert "stopped after 4000 connection(s)" in text
