@@ -59,6 +59,17 @@ class LogWriter(logging.Handler):
         self.dropped = 0  # lines dropped since the last count was written
         self._cond = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
+        os.register_at_fork(after_in_child=self._forked)
+
+    def _forked(self) -> None:
+        """A child (``--processes``) starts with no queue of its own: what the parent had
+        queued is the parent's to write, and its writer thread did not come along."""
+        self._cond = threading.Condition(threading.Lock())
+        self._queue.clear()
+        self._queued = 0
+        self._busy = False
+        self.dropped = 0
+        self._thread = None
 
     def _try_write(self, line: bytes) -> int:
         """Bytes of ``line`` written without waiting (all of it where stderr cannot say)."""
