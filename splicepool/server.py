@@ -1375,20 +1375,26 @@ class ProxyServer:
         for entry in backends.values():
             entry["live_bytes_up"] = entry["live_bytes_down"] = 0
         live_up = live_down = 0
+        # The live set and the finished counts are taken together, under the lock that moves
+        # a connection from one to the other; its bytes are read after, outside it (the loop,
+        # on a worker with on_worker, waits for this lock at each hand-over and log line). A
+        # connection that ends meanwhile is still counted here as live, with all it moved:
+        # never in both, never in neither.
         with self._live_lock:
-            for conn in self._live.values():
-                relay, backend = conn.relay, conn.backend
-                up, down = relay.forward.transferred + conn.ahead, relay.reverse.transferred
-                live_up += up
-                live_down += down
-                entry = backends.get(id(backend))
-                if entry is None:  # a backend a reload took out, with connections still live
-                    entry = backends[id(backend)] = backend.stats()
-                    entry["live_bytes_up"] = entry["live_bytes_down"] = 0
-                    entry["retired"] = True
-                entry["live_bytes_up"] += up
-                entry["live_bytes_down"] += down
+            lives = list(self._live.values())
             bytes_up, bytes_down, live, finished = c.bytes_up, c.bytes_down, c.live, c.finished
+        for conn in lives:
+            relay, backend = conn.relay, conn.backend
+            up, down = relay.forward.transferred + conn.ahead, relay.reverse.transferred
+            live_up += up
+            live_down += down
+            entry = backends.get(id(backend))
+            if entry is None:  # a backend a reload took out, with connections still live
+                entry = backends[id(backend)] = backend.stats()
+                entry["live_bytes_up"] = entry["live_bytes_down"] = 0
+                entry["retired"] = True
+            entry["live_bytes_up"] += up
+            entry["live_bytes_down"] += down
         return {
             "connections": {
                 "live": live,
