@@ -464,6 +464,7 @@ def run_large(peer: Running, upstream: Running, s: Settings, clients: int, count
     f = s.files["large"]
     fetch_large(peer, s, 1, 1)
     cpu0 = cpu_seconds(peer.proc.pid) if peer.proc else None
+    user0 = cpu_seconds(peer.proc.pid, user_only=True) if peer.proc else None
     up0 = cpu_seconds(upstream.proc.pid)
     busy0, total0 = machine_cpu()
     out = fetch_large(peer, s, clients, count)
@@ -477,6 +478,7 @@ def run_large(peer: Running, upstream: Running, s: Settings, clients: int, count
          "reconnects": out["reconnects"], "verified_bodies": out["verified"]}
     if cpu0 is not None:
         v["cpu_s_per_gib"] = (cpu_seconds(peer.proc.pid) - cpu0) / gib
+        v["user_s_per_gib"] = (cpu_seconds(peer.proc.pid, user_only=True) - user0) / gib
     v["upstream_cpu_s_per_gib"] = (cpu_seconds(upstream.proc.pid) - up0) / gib
     v["machine_busy_pct"] = 100 * (busy1 - busy0) / (total1 - total0) if total1 > total0 else None
     v["machine_cpu_s_per_gib"] = (busy1 - busy0) / gib
@@ -496,7 +498,8 @@ def summary(workload: str, v: dict) -> str:
         cpu = f", CPU {v['cpu_ms_per_kreq']:.1f} ms/1000 req" if "cpu_ms_per_kreq" in v else ""
         errors = f", {v['socket_errors']} socket errors" if v["socket_errors"] else ""
         return f"{v['req_s']:.0f} req/s, p50 {v['p50_ms']:.2f} ms, p99 {v['p99_ms']:.2f} ms{cpu}{errors}"
-    cpu = f", CPU {v['cpu_s_per_gib']:.3f} s/GiB" if "cpu_s_per_gib" in v else ""
+    cpu = (f", CPU {v['cpu_s_per_gib']:.3f} s/GiB (user {v['user_s_per_gib']:.3f})"
+           if "cpu_s_per_gib" in v else "")
     again = f", {v['reconnects']} reconnects" if v["reconnects"] else ""
     return f"{v['mib_s']:.0f} MiB/s{cpu}{again}"
 
@@ -600,9 +603,11 @@ def metrics(s: Settings) -> list[Metric]:
         Metric("large", "mib_s", f"large ({LARGE_MIB} MiB × {s.large_count}, 1 client): MiB/s", "{:.0f}",
                True),
         Metric("large", "cpu_s_per_gib", "large: proxy CPU per GiB, s", "{:.3f}", True),
+        Metric("large", "user_s_per_gib", "large: of which in user mode, s", "{:.3f}", True),
         Metric("large", "upstream_cpu_s_per_gib", "large: upstream nginx's CPU per GiB, s", "{:.3f}"),
         Metric("large4", "mib_s", f"large, {c} clients × {s.large4_count}: MiB/s", "{:.0f}", True),
         Metric("large4", "cpu_s_per_gib", f"large, {c} clients: proxy CPU per GiB, s", "{:.3f}", True),
+        Metric("large4", "user_s_per_gib", f"large, {c} clients: of which in user mode, s", "{:.3f}", True),
     ]
 
 
