@@ -45,7 +45,10 @@ class LogWriter(logging.Handler):
         self.fd = fd
         self._pipe = -1  # a non-blocking description of the same pipe, or -1
         self._sock: socket.socket | None = None  # the same socket, sent to with MSG_DONTWAIT
-        mode = os.fstat(fd).st_mode
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:  # stderr closed (2>&-): each line's write fails, as logging's would
+            mode = 0
         if stat.S_ISFIFO(mode):
             try:  # a new open file description: O_NONBLOCK on it leaves the shared one alone
                 self._pipe = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -635,3 +635,34 @@ def test_a_stderr_pipe_nobody_reads_never_stalls_the_proxy_and_says_what_it_drop
     assert logged + sum(dropped) == n + (0 if stopping else 1), (logged, dropped, stopping)
     assert logged >= 2000  # the pipe's 64 KiB and the queue's 256 KiB at least
     assert "stopped after 4000 connection(s)" in text
+
+
+def test_a_proxy_started_with_stderr_closed_serves_and_stops(upstreams):
+    """``2>&-``: no stderr at all. The log handler looks at fd 2 to pick how to write, and
+    that must not stop the proxy from starting (it raised EBADF for a moment of
+    2026-12-06); each line is then lost, as with logging's own handler."""
+    upstream = upstreams()
+    port = free_port()
+    proc = subprocess.Popen(
+        ["sh", "-c", 'exec "$@" 2>&-', "sh", sys.executable, "-m", "splicepool", "proxy",
+         "--listen", f"127.0.0.1:{port}", "--connect", upstream.addr],
+        stdout=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        def served() -> bool:
+            assert proc.poll() is None, f"the proxy exited with {proc.returncode}"
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+                    c.sendall(b"no stderr")
+                    c.shutdown(socket.SHUT_WR)
+                    assert recv_until_eof(c) == b"no stderr"
+            except ConnectionRefusedError:
+                return False  # not listening yet
+            return True
+
+        wait_until(served, START_TIMEOUT, "an echo through the proxy")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
