@@ -45,6 +45,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _reap(proc: subprocess.Popen) -> None:
+    """Kill and wait for a proxy a failed test left running (one that exited is left alone)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
 # -- 8. signals --------------------------------------------------------------------------------
 def test_sighup_without_config_and_sigusr1_are_logged_and_ignored(upstreams, start_proxy):
     proxy = start_proxy(upstreams().addr)
@@ -106,9 +113,7 @@ def test_a_sighup_before_the_handler_is_in_place_is_handled_not_fatal(upstreams,
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(10) == 0
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
+            _reap(proc)
     text = log_path.read_text()
     assert "SIGHUP" not in text.replace("reload: no --config", ""), text  # no child died of it
     assert not re.search(r"process \d+ \(pid \d+\)", text), text  # no child ended early
@@ -623,9 +628,7 @@ def test_a_stderr_pipe_nobody_reads_never_stalls_the_proxy_and_says_what_it_drop
             out += chunk
         assert proc.wait(30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        _reap(proc)
         os.close(r)
     text = out.decode()
     logged = len(re.findall(r" INFO conn \d+ \S+ -> \S+ up=64 down=64 duration=\S+ reason=EOF$", text, re.M))
@@ -663,6 +666,4 @@ def test_a_proxy_started_with_stderr_closed_serves_and_stops(upstreams):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        _reap(proc)
