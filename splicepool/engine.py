@@ -507,13 +507,10 @@ class Worker:
         self._run_guest(self.xfer.now)
 
     def _run_guest(self, now: float) -> None:
+        """A step of the guest (only while there is one: ``_unhost`` clears both triggers)."""
         self.hub.guest_ready = False
-        guest = self.guest
-        if guest is None:
-            self._guest_due = _INF
-            return
         try:
-            due = guest.step(now)
+            due = self.guest.step(now)
         except Exception as exc:
             self._unhost(exc)
             return
