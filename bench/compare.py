@@ -63,7 +63,7 @@ from peers import (
     KINDS,
     Peer,
     child_setup,
-    cpu_seconds,
+    cpu_times,
     free_port,
     haproxy_maxconn,
     machine_cpu,
@@ -223,8 +223,7 @@ def run_bulk(peer: Peer, s: Settings, streams: int) -> dict:
     whole machine's: how busy all CPUs were, and their CPU seconds per GiB (relay, load
     generators and the kernel's softirq work together)."""
     with bulk_upstream(s) as up, peer.start(up, s.workdir) as relay:
-        before = cpu_seconds(relay.pid) if relay.proc else None
-        user_before = cpu_seconds(relay.pid, user_only=True) if relay.proc else None
+        before = cpu_times(relay.pid) if relay.proc else None
         busy0, total0 = machine_cpu()
         out = run_json(bulk_client(relay.port, streams, s.duration, s), timeout=s.duration + 60)
         busy1, total1 = machine_cpu()
@@ -232,8 +231,9 @@ def run_bulk(peer: Peer, s: Settings, streams: int) -> dict:
         cpu_per_gib = user_per_gib = None
         if before is not None:
             wait_single(relay.pid)  # socat: let the per-connection processes exit and be reaped
-            cpu_per_gib = (cpu_seconds(relay.pid) - before) / (moved / GiB)
-            user_per_gib = (cpu_seconds(relay.pid, user_only=True) - user_before) / (moved / GiB)
+            cpu, user = cpu_times(relay.pid)
+            cpu_per_gib = (cpu - before[0]) / (moved / GiB)
+            user_per_gib = (user - before[1]) / (moved / GiB)
     busy, total = busy1 - busy0, total1 - total0
     return {"mib_s": rate, "cpu_s_per_gib": cpu_per_gib, "user_s_per_gib": user_per_gib, "bytes": moved,
             "machine_busy_pct": 100 * busy / total if total else None,

@@ -68,6 +68,7 @@ sys.path.insert(0, str(HERE))
 from peers import (  # noqa: E402 (bench/ is not a package: the path first)
     HOST,
     cpu_seconds,
+    cpu_times,
     free_port,
     machine_cpu,
     raise_nofile_limit,
@@ -463,8 +464,7 @@ def run_large(peer: Running, upstream: Running, s: Settings, clients: int, count
     keep-alive connections each fetching it ``count`` times, measured."""
     f = s.files["large"]
     fetch_large(peer, s, 1, 1)
-    cpu0 = cpu_seconds(peer.proc.pid) if peer.proc else None
-    user0 = cpu_seconds(peer.proc.pid, user_only=True) if peer.proc else None
+    cpu0 = cpu_times(peer.proc.pid) if peer.proc else None
     up0 = cpu_seconds(upstream.proc.pid)
     busy0, total0 = machine_cpu()
     out = fetch_large(peer, s, clients, count)
@@ -477,8 +477,9 @@ def run_large(peer: Running, upstream: Running, s: Settings, clients: int, count
     v = {"mib_s": out["mib_s"], "bytes": out["bytes"], "seconds": out["seconds"],
          "reconnects": out["reconnects"], "verified_bodies": out["verified"]}
     if cpu0 is not None:
-        v["cpu_s_per_gib"] = (cpu_seconds(peer.proc.pid) - cpu0) / gib
-        v["user_s_per_gib"] = (cpu_seconds(peer.proc.pid, user_only=True) - user0) / gib
+        cpu, user = cpu_times(peer.proc.pid)
+        v["cpu_s_per_gib"] = (cpu - cpu0[0]) / gib
+        v["user_s_per_gib"] = (user - cpu0[1]) / gib
     v["upstream_cpu_s_per_gib"] = (cpu_seconds(upstream.proc.pid) - up0) / gib
     v["machine_busy_pct"] = 100 * (busy1 - busy0) / (total1 - total0) if total1 > total0 else None
     v["machine_cpu_s_per_gib"] = (busy1 - busy0) / gib

@@ -155,23 +155,28 @@ def tree(pid: int) -> list[int]:
     return found
 
 
-def _stat_cpu(pid: int, user_only: bool = False) -> float:
-    """utime + stime + cutime + cstime of one process, in seconds (0 if it is gone);
-    ``user_only``: utime + cutime."""
+def _stat_cpu(pid: int) -> tuple[float, float]:
+    """(utime + stime + cutime + cstime, utime + cutime) of one process, in seconds (0 if it
+    is gone): all its CPU time, and the part in user mode."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    if user_only:
-        return (int(fields[11]) + int(fields[13])) / CLK_TCK
-    return sum(int(x) for x in fields[11:15]) / CLK_TCK
+        return 0.0, 0.0
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime + cutime + cstime) / CLK_TCK, (utime + cutime) / CLK_TCK
 
 
-def cpu_seconds(pid: int, user_only: bool = False) -> float:
-    """CPU time of ``pid``'s tree: every live process's own time plus that of the reaped ones
-    (``user_only``: the time in user mode; the rest is the kernel's, for the process)."""
-    return sum(_stat_cpu(p, user_only) for p in tree(pid))
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(all, user mode) CPU time of ``pid``'s tree: every live process's own time plus that
+    of the reaped ones; the rest of all is the kernel's, for the processes."""
+    times = [_stat_cpu(p) for p in tree(pid)]
+    return sum(t for t, _ in times), sum(u for _, u in times)
+
+
+def cpu_seconds(pid: int) -> float:
+    """All CPU time of ``pid``'s tree (``cpu_times``)."""
+    return cpu_times(pid)[0]
 
 
 def machine_cpu() -> tuple[float, float]:
