@@ -43,10 +43,6 @@ log = logging.getLogger("splicepool.proxy")
 #: The longest a health check may take by default, whatever the interval.
 DEFAULT_MAX_CHECK_TIMEOUT = 5.0
 
-#: How long Resolver.stop() waits for a name lookup in progress (getaddrinfo cannot be cut short).
-RESOLVER_STOP_WAIT = 1.0
-
-
 def _check_port(port: object, what: str = "port", lowest: int = 1) -> int:
     if isinstance(port, bool) or not isinstance(port, int) or not lowest <= port < 65536:
         raise ValueError(f"{what} must be an integer from {lowest} to 65535, not {port!r}")
@@ -606,6 +602,11 @@ class Resolver:
         self._literals = tuple(b for b in self.backends if _is_ip_literal(b.host))
         self._failing: dict[int, str] = {}  # id(backend) -> the error last logged
         self._stop = threading.Event()
+        # Held to look at or set _stopped, and by the thread while it changes a backend, so
+        # that nothing changes once stop() has returned; re-entrant for an on_change that
+        # calls stop().
+        self._lock = threading.RLock()
+        self._looking_up = False  # the thread is in getaddrinfo, which cannot be cut short
         self._thread: threading.Thread | None = None
         self._stopped = False
 
@@ -621,16 +622,20 @@ class Resolver:
         self._thread.start()
 
     def stop(self) -> None:
-        """End the resolver's thread: it changes no backend after this returns. A name lookup
-        in progress cannot be cut short: stop() waits for it up to 1 s, then returns and leaves
-        the daemon thread to end once the lookup does. Calling it again does nothing."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self._stop.set()
+        """End the resolver's thread: it changes no backend after this returns. It never waits
+        for a name lookup in progress (getaddrinfo cannot be cut short, and a reload stops the
+        old resolver from the accept loop, which may be running on a pool worker): the daemon
+        thread then ends when the lookup does, dropping its answer. When no lookup is in
+        progress, the thread has ended when this returns. Calling it again does nothing."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._stop.set()
+            looking_up = self._looking_up
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(RESOLVER_STOP_WAIT)
+        if thread is not None and not looking_up and thread is not threading.current_thread():
+            thread.join()  # it is waiting for the next round, or about to see _stopped
 
     def run_round(self) -> None:
         """Re-resolve every name once in the calling thread and count it in ``rounds``, for a
@@ -655,34 +660,43 @@ class Resolver:
     def _round(self) -> None:
         todo = self._names + tuple(b for b in self._literals if not b.addresses)
         for backend in todo:
-            if self._stop.is_set():
-                return
+            with self._lock:
+                if self._stopped:
+                    return
+                self._looking_up = True
             try:
                 addresses = backend._lookup()
             except OSError as exc:
-                error = Backend._resolve_error(exc)
-                if self._stop.is_set():
-                    return
-                backend.last_error = error
-                if self._failing.get(id(backend)) != error:
-                    self._failing[id(backend)] = error
-                    log.warning(
-                        "backend %s: %s; keeping %s",
-                        backend.name,
-                        error,
-                        _plural(len(backend.addresses), "address", "addresses"),
-                    )
+                with self._lock:
+                    self._looking_up = False
+                    if self._stopped:
+                        return
+                    self._failed(backend, Backend._resolve_error(exc))
                 continue
-            if self._stop.is_set():
-                return
-            if self._failing.pop(id(backend), None) is not None:
-                log.info("backend %s resolves again", backend.name)
-            if backend._apply(addresses):
-                log.info("backend %s now resolves to %s", backend.name, _addresses_text(addresses))
-                if self.on_change is not None:
-                    try:
-                        self.on_change(backend)
-                    except Exception:
-                        log.exception(
-                            "resolver on_change callback failed for backend %s", backend.name
-                        )
+            with self._lock:
+                self._looking_up = False
+                if self._stopped:
+                    return
+                self._resolved(backend, addresses)
+
+    def _failed(self, backend: Backend, error: str) -> None:
+        backend.last_error = error
+        if self._failing.get(id(backend)) != error:
+            self._failing[id(backend)] = error
+            log.warning(
+                "backend %s: %s; keeping %s",
+                backend.name,
+                error,
+                _plural(len(backend.addresses), "address", "addresses"),
+            )
+
+    def _resolved(self, backend: Backend, addresses: tuple[tuple, ...]) -> None:
+        if self._failing.pop(id(backend), None) is not None:
+            log.info("backend %s resolves again", backend.name)
+        if backend._apply(addresses):
+            log.info("backend %s now resolves to %s", backend.name, _addresses_text(addresses))
+            if self.on_change is not None:
+                try:
+                    self.on_change(backend)
+                except Exception:
+                    log.exception("resolver on_change callback failed for backend %s", backend.name)

@@ -793,6 +793,81 @@ def test_resolver_follows_a_dns_change(tmp_path):
         proc.stdin.close()
 
 
+# The child of the slow-lookup test: /etc/hosts is a FIFO there, so getaddrinfo's open of
+# it blocks until the test opens it for writing, as a slow DNS server would keep a lookup.
+SLOW_LOOKUP_CHILD = """
+import socket, sys, time
+from splicepool.backends import Backend, Resolver
+
+b = Backend("splicepool-test.invalid", 9310, resolve=False)
+b.addresses = ((socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.2", 9310)),)
+b.last_error = "before"
+r = Resolver([b], 60, on_change=lambda backend: print("change", flush=True))
+r.start()
+sys.stdin.readline()  # the test saw the lookup wait in open("/etc/hosts")
+began = time.monotonic()
+r.stop()
+print("stopped %.3f %s" % (time.monotonic() - began, r._thread.is_alive()), flush=True)
+sys.stdin.readline()  # the test opened the FIFO: the lookup ends
+r._thread.join(10)
+print("final", b.addresses[0][4][0], b.last_error, r._thread.is_alive(), flush=True)
+"""
+
+
+def test_resolver_stop_never_waits_for_a_lookup_in_progress(tmp_path):
+    # A reload stops the old resolver from the accept loop, which runs on a pool worker:
+    # stop() must return at once even while a lookup hangs, and the lookup's answer, when
+    # it comes, must change nothing.
+    reason = can_unshare()
+    if reason:
+        pytest.skip(f"needs a user and mount namespace: {reason}")
+    hosts = tmp_path / "hosts"
+    os.mkfifo(hosts)
+    script = 'mount --bind "$0" /etc/hosts && exec "$1" -c "$2"'
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--map-root-user", "sh", "-c", script]
+        + [str(hosts), sys.executable, SLOW_LOOKUP_CHILD],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        lines = Lines(proc)
+
+        def lookup_waits_on_the_fifo() -> bool:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            for task in Path(f"/proc/{proc.pid}/task").iterdir():
+                try:
+                    if (task / "wchan").read_text() == "wait_for_partner":
+                        return True
+                except OSError:  # a thread that just ended
+                    pass
+            return False
+
+        wait_until(lookup_waits_on_the_fifo, 10.0, what="the resolver's lookup to open /etc/hosts")
+        proc.stdin.write(b"stop\n")
+        proc.stdin.flush()
+        word, took, alive = lines.next().split()
+        assert word == "stopped" and alive == "True"
+        assert float(took) < 0.2, f"stop() waited {took} s for a lookup in progress"
+        # A writer lets the lookup's open() return: glibc finds no regular file and fails
+        # the lookup, which must not touch the backend either.
+        os.close(os.open(hosts, os.O_WRONLY | os.O_NONBLOCK))
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        assert lines.next() == "final 127.0.0.2 before False"  # no change, no "change" line
+        assert proc.wait(5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        proc.stdin.close()
+
+
 def test_stop_from_on_change_and_before_start():
     b = backend(free_port())
     done = threading.Event()
