@@ -43,6 +43,7 @@ log = logging.getLogger("splicepool.proxy")
 #: The longest a health check may take by default, whatever the interval.
 DEFAULT_MAX_CHECK_TIMEOUT = 5.0
 
+
 def _check_port(port: object, what: str = "port", lowest: int = 1) -> int:
     if isinstance(port, bool) or not isinstance(port, int) or not lowest <= port < 65536:
         raise ValueError(f"{what} must be an integer from {lowest} to 65535, not {port!r}")
