@@ -15,8 +15,8 @@ does. At exit the queue gets ``FLUSH_WAIT`` seconds to be written.
 ``log_to_stderr(level)`` sets the root logger up with it: ``TIME PID LEVEL MESSAGE``,
 with no caller, thread, process or multiprocessing names looked up per record (the
 logging HOWTO's "Optimization"; the pid is read once per process, not by a ``getpid``
-system call per line), formatted by ``LogFormat``: 7.5 µs per line against 12.7 before
-these two (a ``log.info`` of the connection line to /dev/null, Python 3.11).
+system call per line), formatted by ``LogFormat``: about 40% less time per line than
+logging's own way (``bench/log_line.py``; docs/performance.md has the figures).
 """
 
 from __future__ import annotations
