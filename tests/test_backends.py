@@ -4,6 +4,7 @@ namespace with a private /etc/hosts."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import selectors
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -750,6 +752,30 @@ def can_unshare() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def child_seeing_hosts(hosts: Path, code: str, *args: str) -> Iterator[subprocess.Popen]:
+    """Run ``python -c code args`` in its own user and mount namespace, where /etc/hosts is
+    ``hosts`` (bind-mounted); killed and reaped on the way out."""
+    script = 'mount --bind "$0" /etc/hosts && py=$1 code=$2 && shift 2 && exec "$py" -c "$code" "$@"'
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--map-root-user", "sh", "-c", script, str(hosts), sys.executable, code, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        proc.stdin.close()
+
+
 def test_resolver_follows_a_dns_change(tmp_path):
     reason = can_unshare()
     if reason:
@@ -758,17 +784,7 @@ def test_resolver_follows_a_dns_change(tmp_path):
     hosts.write_text("127.0.0.2 splicepool-test.invalid\n")
     port = 9300
     name = f"splicepool-test.invalid:{port}"
-    script = 'mount --bind "$0" /etc/hosts && exec "$1" -c "$2" "$3"'
-    proc = subprocess.Popen(
-        ["unshare", "--mount", "--map-root-user", "sh", "-c", script]
-        + [str(hosts), sys.executable, DNS_CHILD, str(port)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    with child_seeing_hosts(hosts, DNS_CHILD, str(port)) as proc:
         lines = Lines(proc)
         assert lines.next(10.0) == "start 127.0.0.2"
         rewrite_in_place(hosts, "127.0.0.3 splicepool-test.invalid\n")
@@ -784,13 +800,6 @@ def test_resolver_follows_a_dns_change(tmp_path):
         proc.stdin.flush()
         assert lines.next() == f"final 127.0.0.3 | {error}"
         assert proc.wait(5) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-        proc.stdin.close()
 
 
 # The child of the slow-lookup test: /etc/hosts is a FIFO there, so getaddrinfo's open of
@@ -823,17 +832,7 @@ def test_resolver_stop_never_waits_for_a_lookup_in_progress(tmp_path):
         pytest.skip(f"needs a user and mount namespace: {reason}")
     hosts = tmp_path / "hosts"
     os.mkfifo(hosts)
-    script = 'mount --bind "$0" /etc/hosts && exec "$1" -c "$2"'
-    proc = subprocess.Popen(
-        ["unshare", "--mount", "--map-root-user", "sh", "-c", script]
-        + [str(hosts), sys.executable, SLOW_LOOKUP_CHILD],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
+    with child_seeing_hosts(hosts, SLOW_LOOKUP_CHILD) as proc:
         lines = Lines(proc)
 
         def lookup_waits_on_the_fifo() -> bool:
@@ -859,13 +858,6 @@ def test_resolver_stop_never_waits_for_a_lookup_in_progress(tmp_path):
         proc.stdin.flush()
         assert lines.next() == "final 127.0.0.2 before False"  # no change, no "change" line
         assert proc.wait(5) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-        proc.stdin.close()
 
 
 def test_stop_from_on_change_and_before_start():
