@@ -327,8 +327,10 @@ def test_slowloris_stats_clients_are_bounded_and_cut_and_the_proxy_keeps_serving
                     pass
             return True
 
-        wait_until(all_closed, max(0.5, t0 + 8 - time.monotonic()), "every slow stats client cut")
-        assert time.monotonic() - t0 < 8
+        # A client whose SYN found the backlog full (16) connects on a SYN retry, 1, 3 or 7 s
+        # later, and has its 5 s from then: on a loaded machine some do (a CI run found the
+        # last ones cut after the 8 s this allowed before).
+        wait_until(all_closed, max(0.5, t0 + 15 - time.monotonic()), "every slow stats client cut")
     finally:
         for s in slow:
             s.close()
