@@ -11,81 +11,126 @@ It is here to be measured in splicepool's place, with the options that run anoth
 What it makes in those workloads is about the most any Python relay can on this machine;
 docs/performance.md compares it with splicepool and the anchors.
 """
-import argparse, errno, os, select, socket, sys
-p = argparse.ArgumentParser()
-p.add_argument("cmd"); p.add_argument("--listen"); p.add_argument("--connect")
-a, _ = p.parse_known_args()
-lh, lp = a.listen.rsplit(":", 1); ch, cp = a.connect.rsplit(":", 1)
-up = (ch, int(cp))
-L = socket.socket(); L.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-L.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-L.bind((lh, int(lp))); L.listen(1024); L.setblocking(False)
+import argparse
+import select
+import socket
+
+IN_OUT_ET = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+
+parser = argparse.ArgumentParser()
+parser.add_argument("cmd")  # "proxy", as splicepool's command line has it
+parser.add_argument("--listen", required=True)
+parser.add_argument("--connect", required=True)
+args, _ = parser.parse_known_args()
+listen_host, listen_port = args.listen.rsplit(":", 1)
+up_host, up_port = args.connect.rsplit(":", 1)
+upstream = (up_host, int(up_port))
+
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited by accepted sockets
+listener.bind((listen_host, int(listen_port)))
+listener.listen(1024)
+listener.setblocking(False)
 ep = select.epoll()
-ET = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
-ep.register(L.fileno(), select.EPOLLIN)
-peer = {}   # fd -> (sock, other sock)
-pend = {}   # fd -> bytes pending to write to this fd
-buf = bytearray(65536); mv = memoryview(buf)
-eof = {}
-def close_pair(fd):
-    s, o = peer.pop(fd, (None, None))
-    if s is None: return
-    peer.pop(o.fileno(), None)
-    s.close(); o.close()
-def pump(src):
+ep.register(listener.fileno(), select.EPOLLIN)
+
+peer: dict[int, tuple[socket.socket, socket.socket]] = {}  # fd -> (its socket, the other one)
+pending: dict[int, bytes] = {}  # fd -> bytes still to send to it
+ended: set[int] = set()  # fds whose reading side has seen EOF
+buf = bytearray(65536)
+view = memoryview(buf)
+
+
+def close_pair(fd: int) -> None:
+    s, other = peer.pop(fd, (None, None))
+    if s is None:
+        return
+    for f in (fd, other.fileno()):
+        peer.pop(f, None)
+        pending.pop(f, None)
+        ended.discard(f)
+    s.close()
+    other.close()
+
+
+def pump(src: int) -> None:
+    """Copy from ``src`` to its peer until ``src`` is empty or the peer is full."""
     s, d = peer[src]
-    while True:
-        if pend.get(d.fileno()):
-            return
+    dst = d.fileno()
+    while not pending.get(dst):
         try:
             n = s.recv_into(buf)
         except BlockingIOError:
             return
         except OSError:
-            close_pair(src); return
+            close_pair(src)
+            return
         if n == 0:
-            eof[src] = True
-            if eof.get(d.fileno()):
-                close_pair(src); return
-            try: d.shutdown(socket.SHUT_WR)
-            except OSError: close_pair(src)
+            ended.add(src)
+            if dst in ended:
+                close_pair(src)
+                return
+            try:
+                d.shutdown(socket.SHUT_WR)
+            except OSError:
+                close_pair(src)
             return
         try:
-            m = d.send(mv[:n])
+            m = d.send(view[:n])
         except BlockingIOError:
             m = 0
         except OSError:
-            close_pair(src); return
+            close_pair(src)
+            return
         if m < n:
-            pend[d.fileno()] = bytes(mv[m:n]); return
+            pending[dst] = bytes(view[m:n])
+            return
+
+
+def accept_all() -> None:
+    while True:
+        try:
+            client, _ = listener.accept()
+        except BlockingIOError:
+            return
+        client.setblocking(False)
+        up = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        up.connect_ex(upstream)
+        peer[client.fileno()] = (client, up)
+        peer[up.fileno()] = (up, client)
+        ep.register(client.fileno(), IN_OUT_ET)
+        ep.register(up.fileno(), IN_OUT_ET)
+
+
+def writable(fd: int) -> bool:
+    """Send what waits for ``fd``; True when all of it went (and its source was pumped)."""
+    s = peer[fd][0]
+    data = pending.pop(fd)
+    try:
+        m = s.send(data)
+    except BlockingIOError:
+        m = 0
+    except OSError:
+        close_pair(fd)
+        return False
+    if m < len(data):
+        pending[fd] = data[m:]
+        return False
+    pump(peer[fd][1].fileno())
+    return fd in peer
+
+
 while True:
-    for fd, ev in ep.poll():
-        if fd == L.fileno():
-            while True:
-                try:
-                    c, _ = L.accept()
-                except BlockingIOError:
-                    break
-                c.setblocking(False)
-                u = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-                u.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                u.connect_ex(up)
-                peer[c.fileno()] = (c, u); peer[u.fileno()] = (u, c)
-                ep.register(c.fileno(), ET); ep.register(u.fileno(), ET)
+    for fd, events in ep.poll():
+        if fd == listener.fileno():
+            accept_all()
             continue
-        if fd not in peer: continue
-        if ev & select.EPOLLOUT and pend.get(fd):
-            s = peer[fd][0]
-            data = pend.pop(fd)
-            try:
-                m = s.send(data)
-            except BlockingIOError:
-                m = 0
-            except OSError:
-                close_pair(fd); continue
-            if m < len(data):
-                pend[fd] = data[m:]; continue
-            pump(peer[fd][1].fileno())
-            if fd not in peer: continue
-        if ev & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
+        if fd not in peer:
+            continue
+        if events & select.EPOLLOUT and pending.get(fd) and not writable(fd):
+            continue
+        if events & READ_EVENTS:
             pump(fd)
