@@ -456,8 +456,11 @@ class ProxyServer:
                 if hosted.error is not None:
                     raise hosted.error
                 return
-            while not self._should_end(time.monotonic()):
-                self._run_once(self._sel.select(self._timeout(time.monotonic(), self._drain_until)))
+            while True:
+                now = time.monotonic()
+                if self._should_end(now):
+                    break
+                self._run_once(self._sel.select(self._timeout(now, self._drain_until)))
         finally:
             self._shutdown()
 
